@@ -1,0 +1,207 @@
+"""The harvest worker: claims one area at a time, fetches its buildings once, then every claimed tile of it, and
+stores each sample (image, mask, statistics, state) in one statement.
+
+Bounded by design: at most ``slots`` areas in flight per process; every upstream request passes its
+:class:`~harvester.http.Upstream`; the CPU work (decode, rasterize, PNG) runs in threads. A job's lease is renewed by a
+heartbeat while its area is in flight, so jobs of a crashed worker return to the queue when their lease expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import aiohttp
+import asyncpg
+import numpy as np
+import shapely
+
+from .config import Settings
+from .errors import TileUnavailable, UpstreamError
+from .imagery import validate_tile
+from .osm import Footprint
+from .overpass import OverpassClient
+from .providers import TileProvider
+from .queue import ClaimedArea, ClaimedJob, claim_area, load_buildings, queries, store_buildings
+from .rasterize import encode_mask_png, rasterize
+from .splits import split_for
+from .tiles import Tile, lonlat_bounds
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 600.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: bytes
+    image_format: str
+    mask_png: bytes
+    building_pixels: int
+    building_count: int
+    bounds: tuple[float, float, float, float]
+
+
+def build_sample(body: bytes, content_type: str, footprints: list[Footprint], tile: Tile) -> Sample:
+    """Validate the tile and rasterize the footprints onto its grid (pure; runs in a worker thread)."""
+    valid = validate_tile(body, content_type)
+    bounds = lonlat_bounds(tile)
+    geoms = np.array([f.geometry for f in footprints], dtype=object)
+    hits = geoms[shapely.intersects(geoms, shapely.box(*bounds))] if len(geoms) else geoms
+    mask = rasterize(list(hits), tile)
+    return Sample(valid.data, valid.image_format, encode_mask_png(mask), int(mask.sum()), len(hits), bounds)
+
+
+def backoff_delay(attempts: int, base: float, retry_after: float | None) -> float:
+    """Exponential backoff with jitter (0.5x-1.5x), never shorter than what the upstream asked for."""
+    delay = min(MAX_BACKOFF_S, base * 2 ** max(0, attempts - 1)) * random.uniform(0.5, 1.5)
+    return max(delay, retry_after or 0.0)
+
+
+@dataclass
+class Progress:
+    stored: int = 0
+    skipped: int = 0
+    failed_attempts: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, session: aiohttp.ClientSession,
+                 provider: TileProvider, overpass: OverpassClient, *, slots: int | None = None,
+                 poll_interval: float = 0.5):
+        self.settings = settings
+        self.pool = pool
+        self.session = session
+        self.provider = provider
+        self.overpass = overpass
+        self.slots = slots or max(2, settings.tile_concurrency + 2 * settings.overpass_concurrency)
+        self.poll_interval = poll_interval
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.progress = Progress()
+        self._sql = queries()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Process jobs until none is pending or in progress, or until ``stop`` is set (then drain and return)."""
+        tasks = [asyncio.create_task(self._loop(stop), name=f"slot-{i}") for i in range(self.slots)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            async with self.pool.acquire() as conn:
+                area = await claim_area(conn, self.worker_id, self.settings.lease_seconds)
+            if area is not None:
+                await self._process_area(area)
+                continue
+            wait = await self._idle_wait()
+            if wait is None:
+                return
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=wait)
+            except TimeoutError:
+                pass
+
+    async def _idle_wait(self) -> float | None:
+        """None when the queue is finished; else how long to wait before trying to claim again."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(self._sql["requeue_expired"], self.settings.max_attempts)
+            row = await conn.fetchrow(self._sql["open_jobs"])
+        if row["pending"] == 0 and row["in_progress"] == 0:
+            return None
+        candidates = [self.poll_interval * 4]
+        for key in ("next_due_s", "next_lease_s"):
+            if row[key] is not None:
+                candidates.append(max(float(row[key]), 0.0) + 0.05)
+        return max(0.05, min(candidates))
+
+    async def _process_area(self, area: ClaimedArea) -> None:
+        pending = {job.job_id: job for job in area.jobs}
+        heartbeat = asyncio.create_task(self._heartbeat(pending))
+        try:
+            try:
+                footprints = await self._footprints(area)
+            except UpstreamError as exc:
+                log.warning("area %s/%s/%s: %s", area.tile.z, area.tile.x, area.tile.y, exc)
+                await asyncio.gather(*(self._fail(job, exc, pending) for job in area.jobs))
+                return
+            await asyncio.gather(*(self._process_job(job, footprints, pending) for job in area.jobs))
+        except asyncio.CancelledError:
+            if pending:
+                async with self.pool.acquire() as conn:
+                    await asyncio.shield(conn.execute(self._sql["release_jobs"], list(pending), self.worker_id))
+                log.info("released %d unfinished jobs", len(pending))
+            raise
+        finally:
+            heartbeat.cancel()
+
+    async def _footprints(self, area: ClaimedArea) -> list[Footprint]:
+        if area.fetched:
+            async with self.pool.acquire() as conn:
+                return await load_buildings(conn, area.area_id)
+        parsed = await self.overpass.fetch_buildings(self.session, lonlat_bounds(area.tile))
+        dropped = sum(parsed.dropped.values())
+        async with self.pool.acquire() as conn:
+            await store_buildings(conn, area.area_id, parsed.footprints, dropped)
+        return list(parsed.footprints)
+
+    async def _process_job(self, job: ClaimedJob, footprints: list[Footprint], pending: dict) -> None:
+        try:
+            body, content_type = await self.provider.fetch(self.session, job.tile)
+            sample = await asyncio.to_thread(build_sample, body, content_type, footprints, job.tile)
+        except TileUnavailable as exc:
+            await self._outcome(job, pending, "skip_job", str(exc))
+            self.progress.skipped += 1
+        except UpstreamError as exc:
+            await self._fail(job, exc, pending)
+        except Exception as exc:  # a bug or a library error on odd input: fail this attempt, keep the cause
+            log.exception("job %d tile %s/%s/%s: unexpected error", job.job_id, job.tile.z, job.tile.x, job.tile.y)
+            await self._fail(job, UpstreamError(f"internal error: {type(exc).__name__}: {exc}"), pending)
+        else:
+            await self._store(job, sample, pending)
+
+    async def _store(self, job: ClaimedJob, sample: Sample, pending: dict) -> None:
+        async with self.pool.acquire() as conn:
+            stored = await conn.fetchval(
+                self._sql["store_sample"], job.job_id, self.worker_id, *sample.bounds,
+                split_for(job.lon, job.lat), sample.image, sample.image_format, sample.mask_png,
+                sample.building_pixels, sample.building_count)
+        pending.pop(job.job_id, None)
+        if stored is None:
+            log.warning("job %d: lease lost before the sample was stored; another worker owns it now", job.job_id)
+        else:
+            self.progress.stored += 1
+
+    async def _fail(self, job: ClaimedJob, exc: UpstreamError, pending: dict) -> None:
+        delay = backoff_delay(job.attempts, self.settings.backoff_base, exc.retry_after)
+        async with self.pool.acquire() as conn:
+            await conn.execute(self._sql["fail_attempt"], job.job_id, self.worker_id, self.settings.max_attempts,
+                               str(exc)[:1000], delay)
+        pending.pop(job.job_id, None)
+        self.progress.failed_attempts += 1
+        log.info("job %d tile %s/%s/%s attempt %d failed: %s", job.job_id, job.tile.z, job.tile.x, job.tile.y,
+                 job.attempts, exc)
+
+    async def _outcome(self, job: ClaimedJob, pending: dict, query: str, reason: str) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(self._sql[query], job.job_id, self.worker_id, reason[:1000])
+        pending.pop(job.job_id, None)
+
+    async def _heartbeat(self, pending: dict) -> None:
+        interval = self.settings.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            if pending:
+                async with self.pool.acquire() as conn:
+                    await conn.execute(self._sql["heartbeat"], list(pending), self.worker_id,
+                                       self.settings.lease_seconds)

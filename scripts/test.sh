@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what it needs, then runs pytest.
+#   - Debian's PostGIS package for the PostgreSQL server at $PGHOST:$PGPORT (127.0.0.1:5432 by default), and
+#     Debian's docker-compose (only to validate docker-compose.yml; no Docker engine is needed);
+#   - a virtual environment .venv with the project and its [train,test] extras.
+# Extra arguments go to pytest (e.g. scripts/test.sh tests/unit -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-5432}" PGUSER="${PGUSER:-postgres}"
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+if ! pg_isready -q -t 5; then
+  echo "PostgreSQL is not answering at $PGHOST:$PGPORT; trying to start the local cluster" >&2
+  $SUDO pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -n | tail -n 1)" main start
+  pg_isready -t 30
+fi
+PG_MAJOR=$(psql -d postgres -Atc "SELECT current_setting('server_version_num')::int / 10000")
+need_apt=()
+psql -d postgres -Atc "SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'" | grep -q 1 \
+  || need_apt+=("postgresql-${PG_MAJOR}-postgis-3")
+command -v docker-compose >/dev/null || need_apt+=(docker-compose)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[train,test]'
+exec .venv/bin/python -m pytest -q "$@"
