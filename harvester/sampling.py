@@ -2,9 +2,8 @@
 
 A point is drawn in two steps: a commune with probability proportional to its population, then a uniform point
 inside its outline (rejection sampling in the commune's bounding box). ``bbox:W,S,E,N`` is uniform in lon/lat. With
-``HARVESTER_POPULATION_RASTER`` (a GeoTIFF of population counts, e.g. GHSL) a pixel is drawn with probability
-proportional to its value, then a uniform point inside the pixel, kept only when it falls inside the region (so a
-pixel on the region's edge counts for the part of it inside).
+``HARVESTER_POPULATION_RASTER`` (a GeoTIFF of population counts, e.g. GHSL) the weights come from the raster instead,
+clipped to the region: see :mod:`harvester.population_raster`.
 
 Embedded data (``harvester/data/communes.npz``, built by ``scripts/build_population_data.py``, described in
 ``harvester/data/README.md``): INSEE's legal populations in force in 2026 (via npm ``@etalab/decoupage-administratif``)
@@ -26,26 +25,19 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import rasterio
-import rasterio.errors
-import rasterio.features
-import rasterio.warp
-import rasterio.windows
 import shapely
-from rasterio.transform import Affine
 from shapely.errors import GEOSException
 
 from harvester.errors import ConfigError
+from harvester.population_raster import PopulationRaster
 
 ALGORITHM = "v1"  # part of PopulationSampler.key: bump when the same seed would give other points
 BLOCK = 4096  # points per generator; changing it changes every sample
 DATA_FILE = Path(__file__).with_name("data") / "communes.npz"
 DEPARTEMENTS = frozenset([f"{n:02d}" for n in range(1, 96) if n != 20] + ["2A", "2B"])  # metropolitan France
 _MAX_ROUNDS = 10_000  # rejection rounds per block before giving up (a degenerate outline)
-_WGS84 = "EPSG:4326"
 _REGION_FORMS = "expected 'france', 'dep:75,92' or 'bbox:W,S,E,N'"
 
 
@@ -248,78 +240,6 @@ def _points_inside(rng: np.random.Generator, outlines: np.ndarray, bounds: np.nd
     raise RuntimeError(f"no point found inside {todo.size} outlines after {_MAX_ROUNDS} tries")
 
 
-class _PopulationRaster:
-    """The positive pixels of a population GeoTIFF (band 1) that touch a region, and draws from them."""
-
-    def __init__(self, path: str, region: Region) -> None:
-        var = "HARVESTER_POPULATION_RASTER"
-        self._region = region_outline(region)
-        shapely.prepare(self._region)
-        try:
-            with rasterio.open(path) as src:
-                if src.crs is None:
-                    raise ConfigError(f"{var}: {path!r} has no coordinate reference system")
-                self._crs = src.crs
-                window = _covering_window(src, self._region.bounds)
-                if window is None:
-                    raise ConfigError(f"{var}: {path!r} does not cover region {region}")
-                values = src.read(1, window=window, masked=True).filled(0).astype(np.float64)
-                x0, y0 = _apply(src.transform, window.col_off, window.row_off)  # the window's top-left corner
-                self._transform = Affine(src.transform.a, src.transform.b, x0, src.transform.d, src.transform.e, y0)
-            with open(path, "rb") as f:
-                self.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-        except (rasterio.errors.RasterioError, OSError) as exc:
-            raise ConfigError(f"{var}: cannot read {path!r} as a GeoTIFF: {exc}") from exc
-        values[~np.isfinite(values) | (values < 0)] = 0  # nodata without a declared nodata value
-        # Pixels within a pixel of the region (rasterised in the raster's CRS): a superset; draw() clips exactly.
-        in_crs = shapely.transform(shapely.segmentize(self._region, 0.01), self._to_raster_crs)
-        pixel = max(math.hypot(self._transform.a, self._transform.d), math.hypot(self._transform.b, self._transform.e))
-        near_region = shapely.buffer(shapely.simplify(in_crs, pixel / 2), 1.5 * pixel)  # simplify: 4x faster buffer
-        near = rasterio.features.rasterize([near_region], out_shape=values.shape,
-                                           transform=self._transform, all_touched=True, dtype="uint8")
-        self._pixels = np.flatnonzero((near > 0) & (values > 0))
-        if self._pixels.size == 0:
-            raise ConfigError(f"{var}: {path!r} has no population (positive pixels) in region {region}")
-        self._cumulative = np.cumsum(values.ravel()[self._pixels])
-        self._width = values.shape[1]
-
-    def _to_raster_crs(self, lon_lat: np.ndarray) -> np.ndarray:
-        x, y = rasterio.warp.transform(_WGS84, self._crs, lon_lat[:, 0], lon_lat[:, 1])
-        return np.column_stack([x, y])
-
-    def draw(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        """A pixel by weight, a uniform point in it, kept when inside the region (else both are drawn again)."""
-        out = np.empty((size, 2))
-        todo = np.arange(size)
-        for _ in range(_MAX_ROUNDS):
-            if todo.size == 0:
-                return out
-            row, col = np.divmod(self._pixels[_draw_weighted(rng, self._cumulative, todo.size)], self._width)
-            u = rng.random((todo.size, 2))
-            x, y = _apply(self._transform, col + u[:, 0], row + u[:, 1])
-            lon, lat = (np.asarray(v, dtype=np.float64) for v in rasterio.warp.transform(self._crs, _WGS84, x, y))
-            inside = shapely.contains_xy(self._region, lon, lat)
-            out[todo[inside]] = np.column_stack([lon[inside], lat[inside]])
-            todo = todo[~inside]
-        raise RuntimeError(f"no raster point inside the region after {_MAX_ROUNDS} tries")
-
-
-def _apply(transform: Affine, cols: Any, rows: Any) -> tuple[Any, Any]:
-    """``transform`` applied to arrays (affine's ``*`` on tuples is deprecated, its ``@`` is new in affine 3)."""
-    return transform.a * cols + transform.b * rows + transform.c, transform.d * cols + transform.e * rows + transform.f
-
-
-def _covering_window(src: rasterio.DatasetReader, lon_lat_bounds: tuple[float, ...]) -> rasterio.windows.Window | None:
-    """The smallest pixel window of ``src`` covering a lon/lat box, or None when they do not overlap."""
-    x0, y0, x1, y1 = rasterio.warp.transform_bounds(_WGS84, src.crs, *lon_lat_bounds, densify_pts=21)
-    cols, rows = _apply(~src.transform, np.array([x0, x0, x1, x1]), np.array([y0, y1, y0, y1]))
-    col0, row0 = max(0, math.floor(cols.min())), max(0, math.floor(rows.min()))
-    col1, row1 = min(src.width, math.ceil(cols.max())), min(src.height, math.ceil(rows.max()))
-    if col1 <= col0 or row1 <= row0:
-        return None
-    return rasterio.windows.Window(col0, row0, col1 - col0, row1 - row0)
-
-
 class PopulationSampler:
     """Draws reproducible, prefix-stable lon/lat samples for one region and population source."""
 
@@ -327,7 +247,7 @@ class PopulationSampler:
         self.region = region
         self._draw: Callable[[np.random.Generator, int], np.ndarray]
         if raster_path is not None:
-            raster = _PopulationRaster(raster_path, region)
+            raster = PopulationRaster(raster_path, region_outline(region), str(region))
             self._draw, source = raster.draw, f"raster:{raster.sha256}"
         elif region.kind == "bbox" and region.bbox is not None:
             self._draw, source = self._draw_uniform, "uniform"

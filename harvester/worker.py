@@ -86,6 +86,7 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.progress = Progress()
         self._sql = queries()
+        self._finished_area = asyncio.Event()  # wakes idle slots: a finished area may have ended the queue
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process jobs until none is pending or in progress, or until ``stop`` is set (then drain and return)."""
@@ -103,14 +104,17 @@ class Worker:
                 area = await claim_area(conn, self.worker_id, self.settings.lease_seconds)
             if area is not None:
                 await self._process_area(area)
+                self._finished_area.set()
                 continue
+            self._finished_area.clear()
             wait = await self._idle_wait()
             if wait is None:
+                self._finished_area.set()
                 return
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=wait)
-            except TimeoutError:
-                pass
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._finished_area.wait())]
+            await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
 
     async def _idle_wait(self) -> float | None:
         """None when the queue is finished; else how long to wait before trying to claim again."""
