@@ -97,16 +97,10 @@ async def claim_area(conn: asyncpg.Connection, worker: str, lease_s: float) -> C
 
 async def store_buildings(conn: asyncpg.Connection, area_id: int, footprints: Sequence[Footprint],
                           dropped: int) -> None:
-    """Replace the area's footprints and mark it fetched, in one transaction."""
-    sql = queries()
-    async with conn.transaction():
-        await conn.execute(sql["delete_buildings"], area_id)
-        if footprints:
-            await conn.execute(sql["insert_buildings"], area_id, [f.osm_type for f in footprints],
-                               [f.osm_id for f in footprints],
-                               [shapely.to_wkb(f.geometry) for f in footprints],
-                               [json.dumps(f.tags) for f in footprints])
-        await conn.execute(sql["mark_area_fetched"], area_id, len(footprints), dropped)
+    """Store the area's footprints and mark it fetched (one statement: all or nothing)."""
+    await conn.execute(queries()["store_buildings"], area_id, [f.osm_type for f in footprints],
+                       [f.osm_id for f in footprints], [shapely.to_wkb(f.geometry) for f in footprints],
+                       [json.dumps(f.tags) for f in footprints], dropped)
 
 
 async def load_buildings(conn: asyncpg.Connection, area_id: int) -> list[Footprint]:

@@ -162,7 +162,7 @@ class Worker:
     async def _process_job(self, job: ClaimedJob, footprints: list[Footprint], pending: dict) -> None:
         try:
             body, content_type = await self.provider.fetch(self.session, job.tile)
-            sample = await asyncio.to_thread(build_sample, body, content_type, footprints, job.tile)
+            sample = build_sample(body, content_type, footprints, job.tile)
         except TileUnavailable as exc:
             await self._outcome(job, pending, "skip_job", str(exc))
             self.progress.skipped += 1

@@ -89,17 +89,17 @@ INSERT INTO samples (sample_id, footprint, split, image, image_format, mask, bui
 SELECT job.job_id, ST_MakeEnvelope($3, $4, $5, $6, 4326), $7, $8, $9, $10, $11, $12 FROM job
 RETURNING sample_id;
 
--- name: delete_buildings
-DELETE FROM buildings WHERE area_id = $1;
-
--- name: insert_buildings
-INSERT INTO buildings (area_id, osm_type, osm_id, geom, tags)
-SELECT $1, t.osm_type, t.osm_id, ST_Multi(ST_GeomFromWKB(t.wkb, 4326)), t.tags::jsonb
-FROM unnest($2::text[], $3::bigint[], $4::bytea[], $5::text[]) AS t(osm_type, osm_id, wkb, tags)
-ON CONFLICT (area_id, osm_type, osm_id) DO NOTHING;
-
--- name: mark_area_fetched
-UPDATE areas SET fetched_at = now(), building_count = $2, dropped_count = $3 WHERE area_id = $1;
+-- name: store_buildings
+-- Store the area's footprints and mark it fetched: one statement, so one transaction and one round trip. An area
+-- is fetched only while fetched_at is NULL, and footprints exist only once it is set, so nothing is there to replace.
+WITH added AS (
+    INSERT INTO buildings (area_id, osm_type, osm_id, geom, tags)
+    SELECT $1, t.osm_type, t.osm_id, ST_Multi(ST_GeomFromWKB(t.wkb, 4326)), t.tags::jsonb
+    FROM unnest($2::text[], $3::bigint[], $4::bytea[], $5::text[]) AS t(osm_type, osm_id, wkb, tags)
+    ON CONFLICT (area_id, osm_type, osm_id) DO NOTHING
+)
+UPDATE areas SET fetched_at = now(), building_count = cardinality($3::bigint[]), dropped_count = $6
+WHERE area_id = $1;
 
 -- name: select_buildings
 SELECT osm_type, osm_id, ST_AsBinary(geom) AS wkb FROM buildings WHERE area_id = $1 ORDER BY osm_type, osm_id;
