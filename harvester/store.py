@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import asyncpg
-import mercantile
 
 from .splits import split_for
+from .tiles import Tile, lonlat_bounds
 
 _TILE_POLYGON = "ST_MakeEnvelope($1, $2, $3, $4, 4326)"
-
-
-def tile_bounds_lonlat(zoom: int, x: int, y: int) -> tuple[float, float, float, float]:
-    b = mercantile.bounds(x, y, zoom)
-    return b.west, b.south, b.east, b.north
 
 
 async def insert_external_sample(
@@ -37,7 +32,7 @@ async def insert_external_sample(
     ``split`` defaults to the spatial rule of :mod:`harvester.splits`. Returns the ``sample_id``.
     """
     split = split or split_for(lon, lat)
-    bounds = tile_bounds_lonlat(zoom, tile_x, tile_y)
+    bounds = lonlat_bounds(Tile(tile_x, tile_y, zoom))
     async with conn.transaction():
         point_id = await conn.fetchval(
             "INSERT INTO sample_points (sampler_key, idx, lon, lat, geom)"
