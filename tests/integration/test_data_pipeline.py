@@ -1,0 +1,362 @@
+"""The trainer's input pipeline (trainer.data) against a real PostgreSQL: order, coverage, filters, skips, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+import time
+import tracemalloc
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import asyncpg
+import numpy as np
+import pytest
+from PIL import Image
+
+from harvester.store import insert_external_sample
+from tests.conftest import ADMIN_URL, database_url
+from trainer.data import Batch, SampleStream, prefetch_to_device
+from trainer.errors import DataError
+
+ZOOMS = (17, 18)
+SPLIT_OF = {0: "train", 1: "train", 2: "train", 3: "val", 4: "test"}  # by index % 5: 30 train, 10 val, 10 test
+FORMATS = ("jpeg", "png", "webp")
+PROVIDERS = ("alpha", "beta")
+_FAST_ENCODING = {  # test data only: encoding speed matters more than size
+    "jpeg": {"quality": 90}, "png": {"compress_level": 1}, "webp": {"lossless": True, "quality": 0, "method": 0},
+}
+
+
+@dataclass
+class Stored:
+    """What the fixture wrote: expected content by sample_id."""
+
+    url: str
+    split: dict[int, str]
+    zoom: dict[int, int]
+    provider: dict[int, str]
+    lossless: dict[int, np.ndarray]  # PNG / lossless WebP images, decoded exactly
+    mask: dict[int, np.ndarray]
+
+    def ids(self, split: str, zooms: tuple[int, ...] = ZOOMS, provider: str | None = None) -> set[int]:
+        return {i for i, s in self.split.items()
+                if s == split and self.zoom[i] in zooms and provider in (None, self.provider[i])}
+
+
+def _encode(array: np.ndarray | Image.Image, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    image = array if isinstance(array, Image.Image) else Image.fromarray(array)
+    image.save(out, {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt], **options)
+    return out.getvalue()
+
+
+def _random_image(rng: np.random.Generator) -> np.ndarray:
+    """A smooth random RGB image (compresses like imagery, unlike white noise)."""
+    coarse = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((256, 256), Image.BILINEAR))
+
+
+def _random_mask(rng: np.random.Generator) -> np.ndarray:
+    coarse = (rng.random((8, 8)) < 0.3).astype(np.uint8)
+    return np.kron(coarse, np.ones((32, 32), np.uint8))
+
+
+async def _insert(conn: asyncpg.Connection, index: int, *, image: bytes, fmt: str, mask_png: bytes,
+                  zoom: int, split: str, provider: str, building_pixels: int = 0) -> int:
+    return await insert_external_sample(
+        conn, provider=provider, zoom=zoom, tile_x=1000 + index, tile_y=2000 + index, lon=2.35, lat=48.85,
+        image=image, image_format=fmt, mask_png=mask_png, building_pixels=building_pixels, building_count=0,
+        split=split,
+    )
+
+
+async def _populate(url: str, count: int) -> Stored:
+    rng = np.random.default_rng(42)
+    stored = Stored(url, {}, {}, {}, {}, {})
+    conn = await asyncpg.connect(url)
+    try:
+        for index in range(count):
+            image, mask = _random_image(rng), _random_mask(rng)
+            fmt = FORMATS[index % 3]
+            variant = (index // 3) % 3  # RGB, grey, RGBA (CMYK for JPEG) inputs: all must come out RGB
+            mode = ("RGB", "L", "CMYK" if fmt == "jpeg" else "RGBA")[variant]
+            source = Image.fromarray(image).convert(mode)
+            data = _encode(source, fmt, **_FAST_ENCODING[fmt])
+            mask_png = _encode(mask * 255, "png", compress_level=1)
+            zoom, split, provider = ZOOMS[index % 2], SPLIT_OF[index % 5], PROVIDERS[(index // 2) % 2]
+            sample_id = await _insert(conn, index, image=data, fmt=fmt, mask_png=mask_png, zoom=zoom, split=split,
+                                      provider=provider, building_pixels=int(mask.sum()))
+            stored.split[sample_id], stored.zoom[sample_id], stored.provider[sample_id] = split, zoom, provider
+            stored.mask[sample_id] = mask
+            if fmt != "jpeg":
+                stored.lossless[sample_id] = np.asarray(source.convert("RGB"))
+    finally:
+        await conn.close()
+    return stored
+
+
+@pytest.fixture(scope="module")
+def stored(template_database) -> Iterator[Stored]:
+    """50 samples in one database shared by the tests that only read (a database per test costs seconds)."""
+    name = f"tilesmith_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'))
+    try:
+        yield asyncio.run(_populate(database_url(name), 50))
+    finally:
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def own_stored(migrated_database_url) -> Stored:
+    """50 samples in a database of the test's own, for tests that change it."""
+    return asyncio.run(_populate(migrated_database_url, 50))
+
+
+async def _admin(sql: str) -> None:
+    conn = await asyncpg.connect(ADMIN_URL)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def _ids(batches: list[Batch]) -> list[int]:
+    return [int(i) for b in batches for i, v in zip(b.sample_ids, b.valid) if v]
+
+
+def test_training_epoch_gives_full_batches_each_id_at_most_once(stored):
+    with SampleStream(stored.url, "train", None, 8, seed=1) as stream:
+        assert len(stream) == 30 and stream.num_batches() == 3
+        batches = list(stream.epoch(0))
+    assert len(batches) == 3
+    for batch in batches:
+        assert batch.images.shape == (8, 256, 256, 3) and batch.images.dtype == np.uint8
+        assert batch.masks.shape == (8, 256, 256) and batch.masks.dtype == np.uint8
+        assert batch.valid.dtype == bool and batch.valid.all()
+        assert batch.sample_ids.dtype == np.int64 and batch.zooms.dtype == np.int32
+    ids = _ids(batches)
+    assert len(ids) == len(set(ids)) == 24 and set(ids) <= stored.ids("train")
+
+
+def test_padded_epoch_gives_every_id_exactly_once(stored):
+    with SampleStream(stored.url, "train", None, 8, shuffle=False, pad_last=True) as stream:
+        assert stream.num_batches() == 4
+        batches = list(stream.epoch(0))
+    assert len(batches) == 4
+    assert sorted(_ids(batches)) == _ids(batches) == sorted(stored.ids("train"))  # unshuffled: by sample_id
+    last = batches[-1]
+    assert last.valid.tolist() == [True] * 6 + [False] * 2
+    assert (last.sample_ids[6:] == -1).all() and (last.zooms[6:] == -1).all()
+    assert not last.images[6:].any() and not last.masks[6:].any()
+
+
+def test_decoded_content_matches_what_was_stored(stored):
+    with SampleStream(stored.url, "train", None, 5, shuffle=False, pad_last=True, decode_workers=3) as stream:
+        batches = list(stream.epoch(0))
+    checked_images = 0
+    for batch in batches:
+        for row, sample_id in enumerate(batch.sample_ids[batch.valid]):
+            sample_id = int(sample_id)
+            assert batch.zooms[row] == stored.zoom[sample_id]
+            np.testing.assert_array_equal(batch.masks[row], stored.mask[sample_id])
+            if sample_id in stored.lossless:
+                np.testing.assert_array_equal(batch.images[row], stored.lossless[sample_id])
+                checked_images += 1
+    assert checked_images >= 15
+
+
+def test_order_is_a_function_of_seed_and_epoch(stored):
+    def order(seed: int, epoch: int) -> list[int]:
+        with SampleStream(stored.url, "train", None, 4, seed=seed, pad_last=True) as stream:
+            return _ids(list(stream.epoch(epoch)))
+
+    assert order(7, 3) == order(7, 3)
+    assert order(7, 3) != order(7, 4)
+    assert order(7, 3) != order(8, 3)
+    assert sorted(order(7, 3)) == sorted(stored.ids("train"))
+
+
+def test_start_batch_resumes_exactly(stored):
+    with SampleStream(stored.url, "train", None, 4, seed=5) as stream:
+        full = list(stream.epoch(2))
+        resumed = list(stream.epoch(2, start_batch=3))
+        assert list(stream.epoch(2, start_batch=stream.num_batches())) == []
+    assert len(full) == 7 and len(resumed) == 4
+    for a, b in zip(full[3:], resumed):
+        np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.masks, b.masks)
+
+
+@pytest.mark.parametrize(("split", "zooms", "provider"), [
+    ("train", (17,), None), ("val", None, None), ("test", (18,), None), ("train", (17, 18), "beta"),
+    ("val", (18,), "alpha"),
+])
+def test_split_zoom_and_provider_filters(stored, split, zooms, provider):
+    expected = stored.ids(split, zooms or ZOOMS, provider)
+    with SampleStream(stored.url, split, zooms, 3, pad_last=True, provider=provider) as stream:
+        assert len(stream) == len(expected)
+        assert set(_ids(list(stream.epoch(0)))) == expected
+
+
+def test_empty_selection_yields_nothing(stored):
+    with SampleStream(stored.url, "train", [5], 4, pad_last=True) as stream:
+        assert len(stream) == 0 and stream.num_batches() == 0
+        assert list(stream.epoch(0)) == []
+
+
+async def _insert_bad_rows(url: str) -> set[int]:
+    good_mask = _encode(np.zeros((256, 256), np.uint8), "png")
+    good_image = _encode(np.zeros((256, 256, 3), np.uint8), "png")
+    jpeg = _encode(np.full((256, 256, 3), 128, np.uint8), "jpeg")
+    bad = [  # (image, fmt, mask_png)
+        (b"this is not an image at all" * 10, "jpeg", good_mask),  # garbage image
+        (jpeg[: len(jpeg) // 2], "jpeg", good_mask),  # truncated jpeg
+        (_encode(np.zeros((128, 256, 3), np.uint8), "png"), "png", good_mask),  # wrong size
+        (good_image, "png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40),  # garbage mask
+    ]
+    conn = await asyncpg.connect(url)
+    try:
+        return {await _insert(conn, 500 + i, image=image, fmt=fmt, mask_png=mask, zoom=17, split="train",
+                              provider="alpha")
+                for i, (image, fmt, mask) in enumerate(bad)}
+    finally:
+        await conn.close()
+
+
+def test_rows_that_do_not_decode_are_skipped_counted_and_logged(own_stored, caplog):
+    stored = own_stored
+    bad = asyncio.run(_insert_bad_rows(stored.url))
+    caplog.set_level(logging.WARNING, logger="trainer.data")
+    with SampleStream(stored.url, "train", None, 4, seed=3, pad_last=True) as stream:
+        assert len(stream) == 34
+        batches = list(stream.epoch(0))
+        assert stream.skipped == 4
+        list(stream.epoch(1))
+        assert stream.skipped == 8  # counted over the stream's life
+    ids = _ids(batches)
+    assert sorted(ids) == sorted(stored.ids("train")) and not bad & set(ids)
+    assert all(b.valid.all() for b in batches[:-1])  # skipped rows are replaced: only the last batch is partial
+    assert len(batches) == 8
+    logged = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    for sample_id in bad:
+        assert f"skipping sample {sample_id}:" in logged
+
+
+def test_breaking_out_early_stops_the_background_threads(stored):
+    baseline = threading.active_count()
+    with SampleStream(stored.url, "train", None, 2, decode_workers=3, prefetch=2) as stream:
+        for _batch in stream.epoch(0):
+            assert threading.active_count() > baseline
+            break
+        assert threading.active_count() == baseline
+        iterator = stream.epoch(1)
+        next(iterator)
+        stream.close()  # close() stops an epoch still being read
+        assert threading.active_count() == baseline
+        with pytest.raises(DataError, match="closed"):
+            next(iterator)
+        with pytest.raises(DataError, match="closed"):
+            stream.epoch(2)
+    assert threading.active_count() == baseline
+
+
+def test_database_errors_reach_the_consumer(own_stored):
+    stored = own_stored
+    async def break_view() -> None:
+        conn = await asyncpg.connect(stored.url)
+        try:
+            await conn.execute("ALTER VIEW dataset RENAME TO dataset_moved")
+        finally:
+            await conn.close()
+
+    baseline = threading.active_count()
+    with SampleStream(stored.url, "train", None, 4) as stream:
+        asyncio.run(break_view())
+        with pytest.raises(asyncpg.UndefinedTableError):
+            list(stream.epoch(0))
+    assert threading.active_count() == baseline
+
+
+def test_unreachable_database_raises_a_clear_error():
+    with pytest.raises(DataError, match="cannot connect") as caught:
+        SampleStream("postgresql://user:secret@127.0.0.1:1/nowhere", "train", None, 4)
+    assert "secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("split", "zooms", "batch_size", "options"), [
+    ("training", None, 4, {}), ("train", None, 0, {}), ("train", [], 4, {}), ("train", None, 4, {"prefetch": 0}),
+    ("train", None, 4, {"decode_workers": 0}), ("train", None, True, {}), ("train", None, 4, {"seed": -1}),
+])
+def test_invalid_arguments_are_refused(stored, split, zooms, batch_size, options):
+    with pytest.raises(DataError):
+        SampleStream(stored.url, split, zooms, batch_size, **options)
+
+
+def test_invalid_epoch_arguments_are_refused(stored):
+    with SampleStream(stored.url, "train", None, 4) as stream:
+        with pytest.raises(DataError):
+            stream.epoch(-1)
+        with pytest.raises(DataError):
+            stream.epoch(0, start_batch=-1)
+
+
+async def _populate_uniform(url: str, count: int) -> None:
+    """``count`` rows sharing one JPEG and one mask: cheap to write, each costs 256 KiB once decoded."""
+    rng = np.random.default_rng(0)
+    image = _encode(_random_image(rng), "jpeg", quality=90)
+    mask = _encode(_random_mask(rng) * 255, "png", compress_level=1)
+    conn = await asyncpg.connect(url)
+    try:
+        for index in range(count):
+            await _insert(conn, index, image=image, fmt="jpeg", mask_png=mask, zoom=18, split="train",
+                          provider="alpha")
+    finally:
+        await conn.close()
+
+
+def test_memory_stays_bounded_whatever_the_table_size(migrated_database_url):
+    rows, batch_size, prefetch = 400, 8, 2
+    asyncio.run(_populate_uniform(migrated_database_url, rows))
+    decoded_sample = 256 * 256 * 4
+    with SampleStream(migrated_database_url, "train", None, batch_size, prefetch=prefetch) as stream:
+        tracemalloc.start()
+        try:
+            seen = 0
+            for batch in stream.epoch(0):
+                seen += int(batch.valid.sum())
+                del batch
+                time.sleep(0.005)  # a slow consumer: the producer runs ahead until the queue is full
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert seen == rows
+    # trainer.pipeline: queue + the batch waiting to enter it + the one being filled + the consumer's + 3 chunks of 16
+    bound = ((prefetch + 3) * batch_size + 3 * 16) * decoded_sample
+    assert peak < 1.1 * bound, (peak, bound)
+    assert peak < rows * decoded_sample / 4
+
+
+def test_prefetch_to_device_places_arrays_and_closes_the_stream(stored):
+    jax = pytest.importorskip("jax")
+    baseline = threading.active_count()
+    with SampleStream(stored.url, "val", None, 4, shuffle=False, pad_last=True) as stream:
+        host = list(stream.epoch(0))
+        placed = list(prefetch_to_device(stream.epoch(0), size=2))
+        assert len(placed) == len(host) == 3
+        for batch, item in zip(host, placed):
+            assert isinstance(item["images"], jax.Array) and isinstance(item["valid"], jax.Array)
+            assert isinstance(item["sample_ids"], np.ndarray) and isinstance(item["zooms"], np.ndarray)
+            np.testing.assert_array_equal(np.asarray(item["images"]), batch.images)
+            np.testing.assert_array_equal(np.asarray(item["masks"]), batch.masks)
+            np.testing.assert_array_equal(np.asarray(item["valid"]), batch.valid)
+            np.testing.assert_array_equal(item["sample_ids"], batch.sample_ids)
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        for item in prefetch_to_device(stream.epoch(0), size=1, sharding=sharding):
+            assert item["images"].sharding == sharding
+            break
+        assert threading.active_count() == baseline

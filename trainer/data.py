@@ -1,0 +1,234 @@
+"""The input pipeline: batches of decoded samples streamed from the ``dataset`` view of PostgreSQL (SPEC: ``dataset``).
+
+Stages of one epoch, each bounded so that memory does not grow with the table:
+
+1. **order** - the ``sample_id`` of every sample of the split (and zooms, provider) is read once when the stream is
+   made (8 bytes a sample: the only thing held for the whole table). An epoch visits them in the permutation drawn
+   by ``np.random.default_rng((seed, epoch))``, or sorted by id when not shuffling, from ``start_batch * batch_size``.
+2. **fetch** - a background thread runs its own asyncio event loop; it reads the rows in chunks of ids with asyncpg
+   (``WHERE sample_id = ANY($1)``, only the columns decoded), the next chunk already in flight while one is decoded.
+3. **decode** - a pool of ``decode_workers`` host threads (:mod:`trainer.decode`: simplejpeg and Pillow release the
+   GIL) turns images into RGB ``uint8`` and masks into 0/1.
+4. **assemble** - samples are copied into batch arrays in the epoch's order; full batches wait in a queue of
+   ``prefetch`` batches, which the consumer drains. The producer waits while the queue is full.
+
+A row whose image or mask does not decode (or is not 256 x 256, or vanished from the view since the ids were read) is
+skipped: logged at WARNING with its ``sample_id``, counted in :attr:`SampleStream.skipped`, and its place taken by the
+following ids, so batches stay full and a skipped row shortens the epoch by one sample. Resuming at ``start_batch``
+restarts from the id at position ``start_batch * batch_size`` of the same order: exact when no row before it was
+skipped, otherwise shifted by as many rows.
+
+Errors of the database (connection lost, bad query) are raised to the consumer from ``next()``; they are not retried.
+Breaking out of an epoch's iterator (or closing it, or :meth:`SampleStream.close`) stops its thread and decode pool.
+The producer itself (stages 2 to 4) is :mod:`trainer.pipeline`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import numbers
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any, Self
+
+import numpy as np
+
+from .errors import DataError
+from .pipeline import Batch, EpochProducer, close, connect
+
+__all__ = ["Batch", "SampleStream", "prefetch_to_device"]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+MIN_FETCH_ROWS = 16  # ids per fetch query at least (small batches would otherwise mean many tiny queries)
+
+
+class SampleStream:
+    """Batches of one split of the ``dataset`` view, epoch after epoch, decoded on background threads.
+
+    ``zooms`` (``None`` = every zoom) and ``provider`` (``None`` = every provider) restrict the samples further.
+    Without ``pad_last`` an epoch yields only full batches (the remainder is dropped: for training); with it, the last
+    partial batch is padded with rows whose ``valid`` is False (for evaluation over every sample).
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        split: str,
+        zooms: Sequence[int] | None,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        pad_last: bool = False,
+        decode_workers: int = 2,
+        prefetch: int = 4,
+        provider: str | None = None,
+    ) -> None:
+        if split not in SPLITS:
+            raise DataError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+        if zooms is not None and len(zooms) == 0:
+            raise DataError("zooms must be None (every zoom) or a non-empty list of zoom levels")
+        for name, value, least in (("batch_size", batch_size, 1), ("decode_workers", decode_workers, 1),
+                                   ("prefetch", prefetch, 1), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise DataError(f"{name} must be an integer >= {least}, not {value!r}")
+        self.database_url = database_url
+        self.split = split
+        self.zooms = None if zooms is None else tuple(int(z) for z in zooms)
+        self.provider = provider
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.pad_last = pad_last
+        self.decode_workers = int(decode_workers)
+        self.prefetch = int(prefetch)
+        self.fetch_rows = max(self.batch_size, MIN_FETCH_ROWS)
+        self.skipped = 0  # rows skipped so far, over every epoch (see the module docstring)
+        self._producers: set[EpochProducer] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._ids = _run_coroutine(self._read_ids())
+        log.info(
+            "sample stream: split=%s zooms=%s provider=%s samples=%d batch_size=%d batches/epoch=%d",
+            split, self.zooms or "all", provider or "all", len(self._ids), batch_size, self.num_batches(),
+        )
+
+    def __len__(self) -> int:
+        """Number of samples of the split (and zooms, provider), as read when the stream was made."""
+        return int(self._ids.size)
+
+    def num_batches(self) -> int:
+        """Batches of a full epoch: ``ceil(n / B)`` with ``pad_last``, else ``floor(n / B)`` (before any skip)."""
+        full, rest = divmod(len(self), self.batch_size)
+        return full + (1 if self.pad_last and rest else 0)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The ids in the order epoch ``epoch`` visits them (same ``(seed, epoch)``, same order)."""
+        if epoch < 0:
+            raise DataError(f"epoch must be >= 0, not {epoch}")
+        if not self.shuffle:
+            return self._ids
+        return np.random.default_rng((self.seed, epoch)).permutation(self._ids)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """The batches of epoch ``epoch``, starting at batch ``start_batch`` (to resume after a stop)."""
+        if self._closed:
+            raise DataError("the sample stream is closed")
+        if start_batch < 0:
+            raise DataError(f"start_batch must be >= 0, not {start_batch}")
+        ids = self.order(epoch)[start_batch * self.batch_size:]
+        return self._iterate(ids)
+
+    def close(self) -> None:
+        """Stop every epoch still running (threads joined). Idempotent."""
+        with self._lock:
+            self._closed = True
+            producers = list(self._producers)
+        for producer in producers:
+            producer.stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _iterate(self, ids: np.ndarray) -> Iterator[Batch]:
+        with self._lock:
+            if self._closed:
+                raise DataError("the sample stream is closed")
+            producer = EpochProducer(
+                self.database_url, ids, batch_size=self.batch_size, fetch_rows=self.fetch_rows,
+                pad_last=self.pad_last, decode_workers=self.decode_workers, prefetch=self.prefetch,
+                on_skip=self._count_skip,
+            )
+            self._producers.add(producer)
+        try:
+            producer.start()
+            while (batch := producer.get()) is not None:
+                yield batch
+                del batch  # not held while the next one is awaited
+        finally:
+            producer.stop()
+            with self._lock:
+                self._producers.discard(producer)
+
+    async def _read_ids(self) -> np.ndarray:
+        conditions, args = ["split = $1"], list[object]([self.split])
+        if self.zooms is not None:
+            args.append(list(self.zooms))
+            conditions.append(f"zoom = ANY(${len(args)}::integer[])")
+        if self.provider is not None:
+            args.append(self.provider)
+            conditions.append(f"provider = ${len(args)}")
+        # One bytea of 8-byte big-endian ids: 8 bytes a sample on the wire and in memory, not a record per row.
+        sql = (f"SELECT string_agg(int8send(sample_id), ''::bytea ORDER BY sample_id) FROM dataset"
+               f" WHERE {' AND '.join(conditions)}")
+        conn = await connect(self.database_url)
+        try:
+            packed = await conn.fetchval(sql, *args)
+        finally:
+            await close(conn)
+        return np.frombuffer(packed or b"", dtype=">i8").astype(np.int64)
+
+    def _count_skip(self, sample_id: int, reason: str) -> None:
+        self.skipped += 1
+        log.warning("skipping sample %d: %s", sample_id, reason)
+
+
+def prefetch_to_device(batches: Iterator[Batch], size: int = 2, sharding: Any = None) -> Iterator[dict[str, Any]]:
+    """Put batches on the accelerator ahead of use, keeping ``size`` of them in flight (``jax.device_put`` is async).
+
+    Yields ``{'images', 'masks', 'valid'}`` as jax arrays (placed with ``sharding`` when given) and ``'sample_ids'``,
+    ``'zooms'`` as host numpy arrays. Closing this iterator closes ``batches`` (so the stream's thread stops too).
+    """
+    import jax  # here, not at module level: the pipeline itself does not need jax
+
+    if size < 1:
+        raise DataError(f"prefetch size must be >= 1, not {size}")
+
+    def put(batch: Batch) -> dict[str, Any]:
+        arrays = {"images": batch.images, "masks": batch.masks, "valid": batch.valid}
+        placed = jax.device_put(arrays, sharding) if sharding is not None else jax.device_put(arrays)
+        return {**placed, "sample_ids": batch.sample_ids, "zooms": batch.zooms}
+
+    source = iter(batches)
+    queue: deque[dict[str, Any]] = deque()
+    try:
+        queue.extend(put(b) for b in itertools.islice(source, size))
+        while queue:
+            yield queue.popleft()
+            queue.extend(put(b) for b in itertools.islice(source, 1))
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+
+
+def _run_coroutine(coro: Any) -> Any:
+    """Run a coroutine to completion from synchronous code, also when the caller's thread runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(coro))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread just below
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name="tilesmith-sample-ids")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
