@@ -1,0 +1,172 @@
+"""Loss and metrics on cases small enough to compute by hand."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trainer import losses
+from trainer.metrics import PixelCounts, SegmentationMetrics, confusion_counts, match_objects
+
+# ----------------------------------------------------------------------------------------------- loss
+
+bce_dice_loss = jax.jit(losses.bce_dice_loss, static_argnames="dice_weight")
+
+
+def test_loss_at_zero_logits_by_hand():
+    # one 2x2 sample, one building pixel; sigmoid(0) = 0.5 everywhere
+    logits = jnp.zeros((1, 2, 2))
+    masks = jnp.array([[[1, 0], [0, 0]]], jnp.uint8)
+    loss, parts = bce_dice_loss(logits, masks, jnp.array([True]))
+    # BCE = ln 2 per pixel. Dice: probs sum 2, targets sum 1, intersection 0.5 -> 1 - (1 + 1) / (3 + 1) = 0.5
+    assert float(parts["bce"]) == pytest.approx(math.log(2), rel=1e-6)
+    assert float(parts["dice"]) == pytest.approx(0.5, rel=1e-6)
+    assert float(loss) == pytest.approx(math.log(2) + 0.5, rel=1e-6)
+
+
+def test_dice_weight_scales_the_dice_term():
+    logits = jnp.zeros((1, 2, 2))
+    masks = jnp.array([[[1, 0], [0, 0]]], jnp.uint8)
+    loss, _ = bce_dice_loss(logits, masks, jnp.array([True]), dice_weight=0.0)
+    assert float(loss) == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_padding_rows_do_not_count():
+    masks = jnp.array([[[1, 0], [0, 0]], [[1, 1], [1, 1]]], jnp.uint8)
+    logits = jnp.stack([jnp.zeros((2, 2)), jnp.full((2, 2), -50.0)])
+    loss_padded, _ = bce_dice_loss(logits, masks, jnp.array([True, False]))
+    loss_alone, _ = bce_dice_loss(logits[:1], masks[:1], jnp.array([True]))
+    assert float(loss_padded) == pytest.approx(float(loss_alone), rel=1e-6)
+    grad = jax.jit(jax.grad(lambda l: losses.bce_dice_loss(l, masks, jnp.array([True, False]))[0]))(logits)
+    assert float(jnp.abs(grad[1]).max()) == 0.0
+
+
+def test_all_padding_batch_has_zero_loss():
+    loss, _ = bce_dice_loss(jnp.full((2, 4, 4), 3.0), jnp.ones((2, 4, 4), jnp.uint8), jnp.array([False, False]))
+    assert float(loss) == 0.0
+
+
+def test_confident_correct_prediction_has_near_zero_loss():
+    masks = jnp.array([[[1, 0], [0, 1]]], jnp.uint8)
+    logits = jnp.where(masks > 0, 30.0, -30.0).astype(jnp.float32)
+    loss, _ = bce_dice_loss(logits, masks, jnp.array([True]))
+    assert float(loss) < 1e-6
+
+
+def test_empty_mask_predicted_empty_has_zero_dice():
+    loss, parts = bce_dice_loss(jnp.full((1, 4, 4), -30.0), jnp.zeros((1, 4, 4), jnp.uint8), jnp.array([True]))
+    assert float(parts["dice"]) == pytest.approx(0.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- pixel metrics
+
+
+def test_confusion_counts_by_hand():
+    logits = jnp.array([[[5.0, 5.0], [-5.0, -5.0]], [[5.0, 5.0], [5.0, 5.0]]])
+    masks = jnp.array([[[1, 0], [1, 0]], [[1, 1], [1, 1]]], jnp.uint8)
+    counts = np.asarray(jax.jit(confusion_counts)(logits, masks, jnp.array([True, False])))
+    np.testing.assert_array_equal(counts, [[1, 1, 1, 1], [0, 0, 0, 0]])  # tp, fp, fn, tn; padding row zero
+
+
+def test_scores_by_hand():
+    scores = PixelCounts(tp=1, fp=1, fn=1, tn=1).scores()
+    assert scores == {"iou": 1 / 3, "f1": 0.5, "precision": 0.5, "recall": 0.5, "pixel_accuracy": 0.5}
+    scores = PixelCounts(tp=6, fp=2, fn=4, tn=88).scores()
+    assert scores["iou"] == pytest.approx(6 / 12)
+    assert scores["f1"] == pytest.approx(12 / 18)
+    assert scores["precision"] == pytest.approx(6 / 8)
+    assert scores["recall"] == pytest.approx(6 / 10)
+    assert scores["pixel_accuracy"] == pytest.approx(94 / 100)
+
+
+def test_zero_denominators_rule():
+    assert PixelCounts(tn=10).scores() == {"iou": 1.0, "f1": 1.0, "precision": 1.0, "recall": 1.0,
+                                           "pixel_accuracy": 1.0}
+    missed = PixelCounts(fn=3, tn=7).scores()  # buildings present, none predicted
+    assert (missed["iou"], missed["f1"], missed["precision"], missed["recall"]) == (0.0, 0.0, 0.0, 0.0)
+
+
+def test_counts_are_summed_over_pixels_not_averaged_over_tiles():
+    metrics = SegmentationMetrics(objects=False)
+    # tile A: one building pixel found (IoU 1); tile B: no building, 9 false positives (IoU 0)
+    metrics.update(np.array([[1, 0, 0, 15], [0, 9, 0, 7]]), np.array([True, True]), np.array([17, 17]))
+    result = metrics.result()
+    assert result["iou"] == pytest.approx(1 / 10)  # a per-tile mean would say 0.5
+    assert result["samples"] == 2
+    assert "object_f1" not in result
+
+
+def test_per_zoom_and_padding():
+    metrics = SegmentationMetrics(objects=False)
+    counts = np.array([[2, 0, 2, 12], [1, 1, 0, 14], [9, 9, 9, 9]])
+    metrics.update(counts, np.array([True, True, False]), np.array([17, 18, -1]))
+    result = metrics.result()
+    assert result["samples"] == 2
+    assert set(result["per_zoom"]) == {"17", "18"}
+    assert result["per_zoom"]["17"]["iou"] == pytest.approx(2 / 4)
+    assert result["per_zoom"]["18"]["iou"] == pytest.approx(1 / 2)
+    assert result["per_zoom"]["18"]["samples"] == 1
+    assert result["iou"] == pytest.approx(3 / 6)
+
+
+# ----------------------------------------------------------------------------------------------- object metric
+
+
+def _square(mask, y, x, h, w):
+    mask[y:y + h, x:x + w] = True
+
+
+def test_object_matching_by_hand():
+    truth = np.zeros((16, 16), bool)
+    pred = np.zeros((16, 16), bool)
+    _square(truth, 0, 0, 4, 4)
+    _square(pred, 0, 0, 4, 4)  # exact: IoU 1
+    _square(truth, 8, 0, 4, 4)
+    _square(pred, 8, 2, 4, 4)  # shifted by 2: overlap 8, union 24, IoU 1/3 -> not matched
+    _square(pred, 12, 12, 3, 3)  # spurious
+    assert match_objects(pred, truth) == (1, 3, 2)
+
+
+def test_object_match_at_exactly_half_iou():
+    truth = np.zeros((8, 8), bool)
+    pred = np.zeros((8, 8), bool)
+    _square(truth, 0, 0, 4, 4)
+    _square(pred, 0, 0, 4, 2)  # IoU 8 / 16 = 0.5, matched (>= 0.5)
+    assert match_objects(pred, truth) == (1, 1, 1)
+
+
+def test_merged_prediction_matches_nothing():
+    truth = np.zeros((8, 12), bool)
+    _square(truth, 0, 0, 4, 4)
+    _square(truth, 0, 5, 4, 4)  # two buildings, one pixel apart
+    pred = np.zeros((8, 12), bool)
+    _square(pred, 0, 0, 4, 9)  # one blob over both: IoU 16/36 each
+    assert match_objects(pred, truth) == (0, 1, 2)
+
+
+def test_diagonal_pixels_are_separate_buildings():
+    truth = np.array([[1, 0], [0, 1]], bool)  # 4-connectivity: two components
+    assert match_objects(truth, truth) == (2, 2, 2)
+
+
+def test_object_f1_accumulates_over_tiles():
+    truth = np.zeros((2, 16, 16), bool)
+    pred = np.zeros((2, 16, 16), bool)
+    _square(truth[0], 0, 0, 4, 4)
+    _square(pred[0], 0, 0, 4, 4)
+    _square(truth[1], 5, 5, 4, 4)
+    _square(pred[1], 12, 12, 2, 2)
+    metrics = SegmentationMetrics()
+    metrics.update(np.zeros((2, 4), int), np.array([True, True]), np.array([18, 18]), pred, truth)
+    result = metrics.result()
+    assert result["object_f1"] == pytest.approx(2 * 1 / (2 + 2))
+    assert result["per_zoom"]["18"]["object_f1"] == pytest.approx(0.5)
+
+
+def test_no_buildings_anywhere_is_a_perfect_object_score():
+    empty = np.zeros((1, 8, 8), bool)
+    metrics = SegmentationMetrics()
+    metrics.update(np.array([[0, 0, 0, 64]]), np.array([True]), np.array([17]), empty, empty)
+    assert metrics.result()["object_f1"] == 1.0

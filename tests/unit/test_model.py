@@ -1,0 +1,93 @@
+"""The U-Net: output shape, parameter count computed by hand, a gradient reaching every layer, dtype policy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from trainer.model import UNet, build_unet, count_params, default_compute_dtype, norm_groups
+
+
+def _conv3x3(cin, cout):  # no bias (a GroupNorm follows)
+    return 9 * cin * cout
+
+
+def _block(cin, cout):  # conv, GroupNorm(scale + bias), conv, GroupNorm
+    return _conv3x3(cin, cout) + 2 * cout + _conv3x3(cout, cout) + 2 * cout
+
+
+def expected_params(base, depth, cin=3):
+    widths = [base * 2**i for i in range(depth + 1)]
+    total = _block(cin, widths[0]) + sum(_block(widths[i - 1], widths[i]) for i in range(1, depth + 1))
+    for i in range(depth):
+        total += 2 * 2 * widths[i + 1] * widths[i] + widths[i]  # 2x2 up-convolution with bias
+        total += _block(2 * widths[i], widths[i])
+    return total + widths[0] + 1  # 1x1 head with bias
+
+
+def test_param_count_tiny_by_hand():
+    # base 4, depth 1: encoder 3->4 (108+8+144+8) + bottleneck 4->8 (288+16+576+16) + up 8->4 (128+4)
+    # + decoder 8->4 (288+8+144+8) + head (4+1) = 268 + 896 + 132 + 448 + 5
+    assert count_params(build_unet(4, 1)) == 1749
+
+
+@pytest.mark.parametrize("base, depth", [(4, 2), (8, 3), (32, 4), (64, 4)])
+def test_param_count_formula(base, depth):
+    model = nnx.eval_shape(lambda: build_unet(base, depth))
+    assert count_params(model) == expected_params(base, depth)
+
+
+def test_paper_width_is_about_31_million():
+    assert expected_params(64, 4) == 31_037_633
+
+
+def test_output_shape_and_dtype():
+    model = build_unet(4, 2)
+    logits = nnx.jit(lambda m, x: m(x))(model, jnp.zeros((2, 256, 256, 3)))
+    assert logits.shape == (2, 256, 256)
+    assert logits.dtype == jnp.float32
+
+
+def test_model_holds_parameters_only():
+    model = nnx.eval_shape(lambda: build_unet(4, 2))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    assert jax.tree.leaves(params) and not jax.tree.leaves(rest)  # GroupNorm: no batch statistics, no RNG state
+
+
+def test_every_layer_gets_a_gradient():
+    model = build_unet(4, 2, seed=1)
+    graphdef, params = nnx.split(model, nnx.Param)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.random((2, 32, 32, 3)), jnp.float32)
+    targets = jnp.asarray(rng.random((2, 32, 32)) > 0.7, jnp.float32)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(images)
+        return jnp.mean((jax.nn.sigmoid(logits) - targets) ** 2)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    flat = nnx.to_flat_state(grads)
+    assert len(flat) == len(nnx.to_flat_state(params))
+    for path, leaf in flat:
+        value = leaf.get_value() if hasattr(leaf, "get_value") else leaf
+        assert float(jnp.abs(value).max()) > 0, f"zero gradient at {path}"
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    model = nnx.eval_shape(lambda: UNet(base_filters=4, depth=1, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
+    assert nnx.eval_shape(lambda m: m(jnp.zeros((1, 16, 16, 3))), model).dtype == jnp.float32
+
+
+def test_compute_dtype_policy():
+    assert default_compute_dtype("float32") == jnp.float32
+    assert default_compute_dtype("bfloat16") == jnp.bfloat16
+    expected = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    assert default_compute_dtype("auto") == expected
+
+
+def test_norm_groups_divide_channels():
+    for channels in (1, 4, 6, 8, 12, 32, 64, 1024):
+        assert channels % norm_groups(channels) == 0
+    assert norm_groups(64) == 8

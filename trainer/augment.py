@@ -1,0 +1,57 @@
+"""On-device data augmentation, run inside the jitted train step from a per-step PRNG key.
+
+* One of the 8 symmetries of the square (the dihedral group D4: 4 rotations by 90 degrees, each with or without a
+  transpose), drawn per sample and applied to the image and its mask together, so they stay aligned. Aerial tiles
+  have no canonical orientation (north-up is a convention, shadows aside), so every one of the 8 is a plausible tile.
+* Light photometric jitter per sample: brightness shift and contrast scaling about the image mean; the mask is
+  untouched. It covers the differences between orthophoto campaigns and providers.
+
+Everything is pure jax.numpy on [B, H, W, C] arrays; no host round trip.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NUM_DIHEDRAL = 8
+BRIGHTNESS_DELTA = 0.1  # added brightness drawn from U(-delta, delta), images in [0, 1]
+CONTRAST_RANGE = (0.8, 1.2)  # contrast factor drawn from U(low, high)
+
+
+def dihedral(x: jax.Array, k: jax.Array | int) -> jax.Array:
+    """The ``k``-th (0..7) symmetry of the square applied to ``x`` [H, W, ...] (H == W).
+
+    ``k % 4`` quarter turns counter-clockwise, preceded by a transpose (a reflection about the main diagonal) when
+    ``k >= 4``. ``k = 0`` is the identity. Works with a traced ``k`` (``lax.switch``).
+    """
+    def make(index):
+        def transform(a):
+            if index >= 4:
+                a = jnp.swapaxes(a, 0, 1)
+            return jnp.rot90(a, index % 4, axes=(0, 1))
+        return transform
+
+    return jax.lax.switch(jnp.asarray(k, jnp.int32), [make(i) for i in range(NUM_DIHEDRAL)], x)
+
+
+def color_jitter(image: jax.Array, key: jax.Array) -> jax.Array:
+    """Random brightness shift and contrast scaling of one float image [H, W, 3] in [0, 1]; result clipped to [0, 1]."""
+    k_brightness, k_contrast = jax.random.split(key)
+    delta = jax.random.uniform(k_brightness, (), minval=-BRIGHTNESS_DELTA, maxval=BRIGHTNESS_DELTA)
+    factor = jax.random.uniform(k_contrast, (), minval=CONTRAST_RANGE[0], maxval=CONTRAST_RANGE[1])
+    mean = image.mean()
+    return jnp.clip((image - mean) * factor + mean + delta, 0.0, 1.0)
+
+
+def augment_batch(key: jax.Array, images: jax.Array, masks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``images`` float [B, H, W, 3] in [0, 1], ``masks`` [B, H, W] -> both augmented, one draw per sample."""
+    def one(sample_key, image, mask):
+        k_dihedral, k_color = jax.random.split(sample_key)
+        k = jax.random.randint(k_dihedral, (), 0, NUM_DIHEDRAL)
+        # transform image and mask as one array: they cannot drift apart
+        stacked = dihedral(jnp.concatenate([image, mask[..., None].astype(image.dtype)], axis=-1), k)
+        return color_jitter(stacked[..., :-1], k_color), stacked[..., -1].astype(mask.dtype)
+
+    keys = jax.random.split(key, images.shape[0])
+    return jax.vmap(one)(keys, images, masks)

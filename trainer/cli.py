@@ -1,0 +1,225 @@
+"""``trainer`` command line: ``train``, ``evaluate``, ``predict`` (SPEC: Commands). Parses flags, nothing else.
+
+Settings follow the SPEC's rule: ``DATABASE_URL`` from the environment, the ``--database-url`` flag winning over it.
+A malformed flag or variable stops the program at start with one line on stderr naming it, exit status 2. Other
+failures (no checkpoint, training diverged, database unreachable) print one ``trainer: error: ...`` line, exit 1;
+Ctrl-C during training saves a checkpoint and exits 130. The database password is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+from .config import DEFAULT_DATABASE_URL, DEFAULT_EPOCHS, check_database_url, parse_zooms, redact_url
+from .errors import ConfigError, TrainerError
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+_NOISY_LOGGERS = ("jax", "orbax", "asyncio")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (naming the flag) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _zooms(text: str) -> tuple[int, ...]:
+    try:
+        return parse_zooms(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--zooms: ")) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="trainer", description="Train, evaluate and apply a U-Net for building segmentation.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict}")
+
+    def common(sub, database: bool = True):
+        sub.add_argument("--workdir", required=True, type=Path, help="directory of checkpoints, config.json, "
+                         "metrics.jsonl")
+        if database:
+            sub.add_argument("--database-url", metavar="URL", help="PostgreSQL URL of the dataset view; env "
+                             f"DATABASE_URL (default {DEFAULT_DATABASE_URL})")
+
+    train = commands.add_parser("train", help="train on split 'train', validate on 'val', checkpoint, resume")
+    common(train)
+    train.add_argument("--zooms", type=_zooms, help="comma-separated zoom levels to use (default: all)")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, help="optimizer steps in all")
+    length.add_argument("--epochs", type=_positive_int, help=f"passes over 'train' (default {DEFAULT_EPOCHS})")
+    train.add_argument("--batch-size", type=_positive_int, default=16, help="samples per step, a multiple of the "
+                       "device count (default 16)")
+    train.add_argument("--base-filters", type=_positive_int, default=32, help="U-Net width (default 32; 64 = paper)")
+    train.add_argument("--depth", type=_positive_int, default=4, help="U-Net downsamplings (default 4)")
+    train.add_argument("--lr", type=_positive_float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
+    train.add_argument("--seed", type=_int, default=0, help="seed of init, shuffling, augmentation (default 0)")
+    train.add_argument("--eval-every", type=_positive_int, default=500, help="validate every N steps (default 500)")
+    train.add_argument("--checkpoint-every", type=_positive_int, default=500,
+                       help="save the latest checkpoint every N steps (default 500)")
+    train.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                       help="activation dtype (default auto: bfloat16 on GPU, float32 on CPU)")
+    train.add_argument("--no-augment", dest="augment", action="store_false", help="no flips/rotations/jitter")
+    train.add_argument("--decode-workers", type=_positive_int, default=2, help="image decoding threads (default 2)")
+
+    evaluate = commands.add_parser("evaluate", help="metrics of the best checkpoint over every sample of a split")
+    common(evaluate)
+    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test", help="(default test)")
+    evaluate.add_argument("--zooms", type=_zooms, help="comma-separated zoom levels (default: all)")
+    evaluate.add_argument("--batch-size", type=_positive_int, help="samples per batch (default 16)")
+    evaluate.add_argument("--decode-workers", type=_positive_int, default=2, help="image decoding threads "
+                          "(default 2)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    predict = commands.add_parser("predict", help="predicted mask (and building polygons) of one tile")
+    common(predict, database=False)
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", type=Path, help="a 256x256 tile image")
+    source.add_argument("--lon", type=_finite_float, help="longitude of a point in the tile (with --lat, --zoom)")
+    predict.add_argument("--lat", type=_finite_float, help="latitude of a point in the tile")
+    predict.add_argument("--zoom", type=_int, help="zoom level of the tile")
+    predict.add_argument("--tile", help="Z/X/Y of --image, needed for --geojson")
+    predict.add_argument("--out", type=Path, required=True, help="mask PNG to write (0 background, 255 building)")
+    predict.add_argument("--geojson", type=Path, help="GeoJSON of the building polygons (EPSG:4326) to write")
+    return parser
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    if args.database_url is not None:
+        return check_database_url(args.database_url, "--database-url")
+    return check_database_url(os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL, "DATABASE_URL")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax logs every save and read-only open through absl
+
+
+def _enable_compilation_cache() -> None:
+    """Reuse compiled XLA programs across runs (compiling the U-Net takes tens of seconds on a CPU).
+
+    JAX's own ``JAX_COMPILATION_CACHE_DIR`` wins; the default is ``$XDG_CACHE_HOME/tilesmith/jax``.
+    """
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tilesmith" / "jax"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # a read-only home: compile every time
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .train import train_and_evaluate
+
+    epochs = args.epochs if args.epochs is not None or args.steps is not None else DEFAULT_EPOCHS
+    config = TrainConfig(
+        database_url=_database_url(args), zooms=args.zooms, steps=args.steps, epochs=epochs,
+        batch_size=args.batch_size, base_filters=args.base_filters, depth=args.depth, learning_rate=args.lr,
+        seed=args.seed, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        compute_dtype=args.compute_dtype, augment=args.augment, decode_workers=args.decode_workers,
+    )
+    if config.seed < 0:
+        raise ConfigError(f"--seed: must be >= 0, got {config.seed}")
+    _enable_compilation_cache()
+    summary = train_and_evaluate(config, args.workdir)
+    best = summary["best_val_iou"]
+    log.info("done: step %d of %d, best val IoU %s, checkpoints in %s", summary["step"], summary["total_steps"],
+             f"{best:.4f}" if best is not None else "n/a", args.workdir)
+    return EXIT_OK
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table
+
+    url = _database_url(args)
+    _enable_compilation_cache()
+    result = evaluate(args.workdir, url, split=args.split, zooms=args.zooms, batch_size=args.batch_size,
+                      decode_workers=args.decode_workers, progress=not args.json)
+    print(json.dumps(result, sort_keys=True) if args.json else format_table(result, args.split))
+    return EXIT_OK
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import predict
+
+    if args.lon is not None and (args.lat is None or args.zoom is None):
+        raise ConfigError("--lon: needs --lat and --zoom too")
+    if args.image is not None and (args.lat is not None or args.zoom is not None):
+        raise ConfigError("--lat/--zoom: only with --lon (not with --image)")
+    _enable_compilation_cache()
+    summary = predict(args.workdir, args.out, image=args.image, tile=args.tile, lon=args.lon, lat=args.lat,
+                      zoom=args.zoom, geojson=args.geojson)
+    log.info("wrote %s%s: %s", args.out, f" and {args.geojson}" if args.geojson else "", summary)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    handler = {"train": _train, "evaluate": _evaluate, "predict": _predict}[args.command]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"trainer {args.command}: error: {_safe(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainerError as exc:
+        print(f"trainer {args.command}: error: {_safe(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"trainer {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _safe(exc: BaseException) -> str:
+    """The message on one line, any database URL in it with its password redacted."""
+    return redact_url(" ".join(str(exc).split()))

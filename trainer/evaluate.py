@@ -1,0 +1,78 @@
+"""``trainer evaluate``: metrics of a trained U-Net over EVERY sample of a split (SPEC: Commands).
+
+The best checkpoint of the work directory is used (highest validation IoU), the latest when no validation ever ran;
+no checkpoint at all is a :class:`CheckpointError`. The split is streamed in id order with the last batch padded
+(``pad_last=True``): padding rows are masked out of every count, no sample is dropped, and the number of samples
+evaluated is checked against the split's size (less the rows that do not decode, which are logged). Metrics are
+micro-averaged over all pixels of all samples, overall and per zoom (:mod:`trainer.metrics`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+
+from .checkpoints import Checkpoints
+from .config import TrainConfig, read_model_config
+from .data import SampleStream
+from .errors import DataError
+from .train import abstract_train_state, compile_eval_step, create_optimizer, evaluate_stream, make_mesh
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 16
+JSON_KEYS = ("iou", "f1", "precision", "recall", "pixel_accuracy", "samples", "per_zoom", "object_f1")
+
+
+def saved_train_config(workdir: Path, database_url: str) -> TrainConfig:
+    """The :class:`TrainConfig` a work directory was trained with (read from its config.json)."""
+    saved = read_model_config(workdir)
+    fields = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__ and k != "database_url"}
+    if fields.get("zooms") is not None:
+        fields["zooms"] = tuple(fields["zooms"])
+    return TrainConfig(**{**fields, "database_url": database_url})
+
+
+def restore_params(workdir: Path, config: TrainConfig, mesh) -> tuple:
+    """``(graphdef, params)`` of the best checkpoint of ``workdir`` (else the latest), placed on ``mesh``."""
+    total_steps = read_model_config(workdir).get("resolved", {}).get("total_steps") or 1
+    tx = create_optimizer(config, total_steps)  # only its state's structure matters, to read a full train state
+    graphdef, abstract_state = abstract_train_state(config.base_filters, config.depth, config.compute_dtype, tx, mesh)
+    with Checkpoints(workdir, read_only=True) as checkpoints:
+        params, kind, step = checkpoints.restore_params(abstract_state.params, abstract_state)
+    log.info("using the %s checkpoint (step %d) of %s", kind, step, workdir)
+    return graphdef, params
+
+
+def evaluate(workdir: Path | str, database_url: str, *, split: str = "test", zooms: tuple[int, ...] | None = None,
+             batch_size: int | None = None, decode_workers: int = 2, progress: bool = True) -> dict:
+    """``{iou, f1, precision, recall, pixel_accuracy, object_f1, samples, per_zoom}`` over every sample of ``split``."""
+    workdir = Path(workdir).resolve()
+    config = saved_train_config(workdir, database_url)
+    devices = jax.local_devices()
+    if batch_size is None:  # the smallest multiple of the device count that is >= the default
+        batch_size = -(-DEFAULT_BATCH_SIZE // len(devices)) * len(devices)
+    mesh = make_mesh(batch_size)
+    graphdef, params = restore_params(workdir, config, mesh)
+    eval_fn = compile_eval_step(graphdef, mesh)
+    with SampleStream(database_url, split, zooms, batch_size, shuffle=False, pad_last=True,
+                      decode_workers=decode_workers) as stream:
+        if len(stream) == 0:
+            raise DataError(f"split {split!r} holds no sample (zooms {list(zooms) if zooms else 'all'}): "
+                            "nothing to evaluate")
+        result = evaluate_stream(eval_fn, params, stream, mesh, progress=progress)
+    return {key: result[key] for key in JSON_KEYS}
+
+
+def format_table(result: dict, split: str) -> str:
+    """A readable table: one row for the whole split, one per zoom."""
+    columns = ("samples", "iou", "f1", "precision", "recall", "pixel_accuracy", "object_f1")
+    header = f"{'zoom':<6}" + "".join(f"{c:>15}" for c in columns)
+    rows = [(f"{split}", result)] + [(f"z{z}", m) for z, m in result["per_zoom"].items()]
+    lines = [header, "-" * len(header)]
+    for name, metrics in rows:
+        cells = "".join(f"{metrics[c]:>15d}" if c == "samples" else f"{metrics[c]:>15.4f}" for c in columns)
+        lines.append(f"{name:<6}{cells}")
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""``trainer predict``: the building mask of one tile, and optionally its building polygons (SPEC: Commands).
+
+Input: a 256x256 image file (``--image``), or the tile holding ``--lon/--lat`` at ``--zoom``, fetched from the
+configured imagery provider (``harvester.providers.fetch_tile_once``, same settings as ``harvester run``). Other
+image sizes are refused rather than resized: the network learnt the ground resolution of a zoom level, and a resized
+image would show buildings at a scale it never saw.
+
+Output: the mask as an 8-bit PNG, 0 = background and 255 = building (viewable as is). With ``--geojson``, the
+buildings as a GeoJSON FeatureCollection in EPSG:4326: ``rasterio.features.shapes`` on the mask (4-connected, as the
+object metric), simplified with a 1-pixel tolerance, then mapped from tile pixels to Web Mercator (EPSG:3857, the
+tile's ``mercantile.xy_bounds``) and to longitude/latitude. That needs the tile: known with ``--lon/--lat/--zoom``,
+given with ``--tile Z/X/Y`` for ``--image``; without it ``--geojson`` is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import mercantile
+import numpy as np
+import shapely
+from flax import nnx
+from PIL import Image, UnidentifiedImageError
+from rasterio import features
+from rasterio.transform import Affine
+from shapely.geometry import mapping, shape
+
+from .config import TILE_SIZE
+from .errors import ConfigError, DataError, TrainerError
+from .evaluate import restore_params, saved_train_config
+from .train import make_mesh
+
+log = logging.getLogger(__name__)
+
+EARTH_RADIUS_M = 6378137.0  # of the Web Mercator sphere (EPSG:3857)
+SIMPLIFY_TOLERANCE_PX = 1.0
+MAX_LATITUDE = 85.0511287798066
+
+
+def read_image(data: bytes, source: str) -> np.ndarray:
+    """Decode an image (any format Pillow reads) to RGB uint8 [256, 256, 3]; other sizes are refused."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.size != (TILE_SIZE, TILE_SIZE):
+                raise DataError(
+                    f"{source} is {image.size[0]}x{image.size[1]} pixels; the model predicts 256x256 slippy-map "
+                    "tiles (it learnt their ground resolution, so images are not resized): crop or export one tile"
+                )
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{source} is not a readable image: {exc}") from exc
+
+
+def parse_tile(text: str) -> mercantile.Tile:
+    """``"17/65432/43210"`` (zoom/x/y, y from the north) -> a tile; malformed or out of range -> ConfigError."""
+    try:
+        z, x, y = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--tile: expected Z/X/Y such as 17/66400/45100, got {text!r}") from None
+    if not 0 <= z <= 22 or not (0 <= x < 2**z and 0 <= y < 2**z):
+        raise ConfigError(f"--tile: {text!r} is not a tile (zoom 0..22, 0 <= x, y < 2**zoom)")
+    return mercantile.Tile(x, y, z)
+
+
+def tile_at(lon: float, lat: float, zoom: int) -> mercantile.Tile:
+    if not (-180 <= lon <= 180 and -MAX_LATITUDE <= lat <= MAX_LATITUDE):
+        raise ConfigError(f"--lon/--lat: ({lon}, {lat}) is outside the Web Mercator world")
+    if not 0 <= zoom <= 22:
+        raise ConfigError(f"--zoom: expected 0..22, got {zoom}")
+    return mercantile.tile(lon, lat, zoom)
+
+
+def fetch_tile(lon: float, lat: float, zoom: int) -> tuple[bytes, mercantile.Tile]:
+    """The imagery tile holding (lon, lat) at ``zoom``, from the provider configured for the harvester."""
+    from harvester.config import load_settings  # lazily: predict from a file needs no harvester settings
+    from harvester.errors import ConfigError as HarvesterConfigError
+    from harvester.errors import HarvesterError
+    from harvester.providers import fetch_tile_once
+
+    tile = tile_at(lon, lat, zoom)
+    try:
+        settings = load_settings()
+    except HarvesterConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+    try:
+        data, _format = asyncio.run(fetch_tile_once(settings, tile.z, tile.x, tile.y))
+    except HarvesterError as exc:
+        raise TrainerError(f"cannot fetch tile {tile.z}/{tile.x}/{tile.y} from {settings.tile_provider}: {exc}") from exc
+    return data, tile
+
+
+class Predictor:
+    """The U-Net of a work directory (best checkpoint, else latest), on one device."""
+
+    def __init__(self, workdir: Path, database_url: str = "postgresql://unused"):
+        config = saved_train_config(Path(workdir), database_url)
+        mesh = make_mesh(devices=jax.local_devices()[:1])
+        graphdef, params = restore_params(Path(workdir), config, mesh)
+
+        @jax.jit
+        def logits(images):
+            return nnx.merge(graphdef, params)(images.astype(jnp.float32) / 255.0)
+
+        self._logits = logits
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """RGB uint8 [256, 256, 3] -> building mask bool [256, 256]."""
+        return np.asarray(self._logits(image[None])[0] > 0)
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pixels_to_lonlat(coords: np.ndarray, tile: mercantile.Tile, size: int = TILE_SIZE) -> np.ndarray:
+    """Tile pixel coordinates [N, 2] (x right, y down, edges at 0 and ``size``) -> lon/lat degrees [N, 2]."""
+    bounds = mercantile.xy_bounds(tile)  # metres, EPSG:3857
+    x = bounds.left + coords[:, 0] * (bounds.right - bounds.left) / size
+    y = bounds.top - coords[:, 1] * (bounds.top - bounds.bottom) / size
+    lon = np.degrees(x / EARTH_RADIUS_M)
+    lat = np.degrees(2.0 * np.arctan(np.exp(y / EARTH_RADIUS_M)) - math.pi / 2.0)
+    return np.stack([lon, lat], axis=1)
+
+
+def mask_to_geojson(mask: np.ndarray, tile: mercantile.Tile) -> dict:
+    """Building polygons of a tile's mask as a GeoJSON FeatureCollection in EPSG:4326."""
+    binary = np.asarray(mask, dtype=np.uint8)
+    feats = []
+    for geometry, _value in features.shapes(binary, mask=binary > 0, connectivity=4, transform=Affine.identity()):
+        polygon = shape(geometry).simplify(SIMPLIFY_TOLERANCE_PX, preserve_topology=True)
+        if polygon.is_empty:
+            continue
+        pixels = int(round(shape(geometry).area))  # pixel-aligned outline: its area is its pixel count
+        lonlat = shapely.transform(polygon, lambda c: pixels_to_lonlat(c, tile))
+        feats.append({"type": "Feature", "geometry": mapping(lonlat), "properties": {"pixels": pixels}})
+    return {"type": "FeatureCollection", "features": feats,
+            "properties": {"tile": f"{tile.z}/{tile.x}/{tile.y}"}}
+
+
+def predict(workdir: Path | str, out: Path | str, *, image: Path | str | None = None, tile: str | None = None,
+            lon: float | None = None, lat: float | None = None, zoom: int | None = None,
+            geojson: Path | str | None = None) -> dict:
+    """Write the mask PNG (and the GeoJSON); return ``{"building_pixels", "buildings"?, "tile"?}``."""
+    if (image is None) == (lon is None or lat is None or zoom is None):
+        raise ConfigError("--image / --lon --lat --zoom: give either an image or all three of --lon, --lat, --zoom")
+    known_tile = parse_tile(tile) if tile is not None else None
+    if image is not None:
+        path = Path(image)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"--image: cannot read {path}: {exc.strerror}") from None
+        pixels = read_image(data, str(path))
+    else:
+        data, fetched = fetch_tile(lon, lat, zoom)
+        if known_tile is not None and known_tile != fetched:
+            raise ConfigError(f"--tile: {tile} is not the tile of --lon/--lat/--zoom ({fetched.z}/{fetched.x}/{fetched.y})")
+        known_tile = fetched
+        pixels = read_image(data, f"tile {fetched.z}/{fetched.x}/{fetched.y}")
+    if geojson is not None and known_tile is None:
+        raise ConfigError("--geojson: the tile of --image is unknown; give it with --tile Z/X/Y "
+                          "(or predict from --lon --lat --zoom)")
+    mask = Predictor(Path(workdir))(pixels)
+    Path(out).write_bytes(mask_png(mask))
+    summary: dict = {"building_pixels": int(mask.sum())}
+    if known_tile is not None:
+        summary["tile"] = f"{known_tile.z}/{known_tile.x}/{known_tile.y}"
+    if geojson is not None:
+        collection = mask_to_geojson(mask, known_tile)
+        Path(geojson).write_text(json.dumps(collection))
+        summary["buildings"] = len(collection["features"])
+    return summary
