@@ -27,10 +27,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="harvester", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="harvester", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # Subparsers must refuse abbreviations too: --zoom would otherwise be taken silently as --zooms.
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, allow_abbrev=False, **k)
 
     p = sub.add_parser("migrate", help="apply migrations/ to DATABASE_URL (idempotent)")
     add_setting_flags(p, ("DATABASE_URL",))
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("rasterio").setLevel(max(logging.WARNING, logging.getLogger().level))  # GDAL's chatter
     try:
         settings = load_settings(flags=flags_from_args(args))
         if args.command == "export" and args.batch_size < 1:

@@ -36,13 +36,15 @@ def _int(name: str, text: str, *, minimum: int | None = None, maximum: int | Non
     return value
 
 
-def _positive_float(name: str, text: str) -> float:
+def _positive_float(name: str, text: str, maximum: float | None = None) -> float:
     try:
         value = float(text.strip())
     except ValueError:
         raise ConfigError(f"{name}: expected a number, got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name}: must be a positive number, got {text!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}: must be <= {maximum:g}, got {text!r}")
     return value
 
 
@@ -57,7 +59,12 @@ def parse_zooms(text: str, name: str = "HARVESTER_ZOOMS") -> tuple[int, ...]:
 
 
 def _url(name: str, text: str) -> str:
-    parts = urlsplit(text.strip())
+    if any(c.isspace() or ord(c) < 32 for c in text.strip()):
+        raise ConfigError(f"{name}: a URL holds no spaces or control characters (percent-encode them), got {text!r}")
+    try:
+        parts = urlsplit(text.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{name}: malformed URL {text!r} ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name}: expected an http(s) URL, got {text!r}")
     try:
@@ -86,7 +93,40 @@ def _path(name: str, text: str) -> Path:
 def _region(name: str, text: str):
     from .sampling import parse_region
 
-    return parse_region(text.strip())
+    return parse_region(text.strip(), name)
+
+
+def _points(name: str, text: str) -> Path:
+    from .sampling import read_points_csv
+
+    path = _path(name, text)
+    read_points_csv(path, name)  # junk lines stop the program here, before anything is logged or written
+    return path
+
+
+def _raster(name: str, text: str) -> Path:
+    import rasterio
+
+    path = _path(name, text)
+    try:
+        with rasterio.open(path) as raster:
+            if raster.crs is None:
+                raise ConfigError(f"{name}: {text!r} has no coordinate reference system")
+    except rasterio.errors.RasterioError as exc:
+        raise ConfigError(f"{name}: cannot read {text!r} as a GeoTIFF: {exc}") from None
+    return path
+
+
+def _database_url(name: str, text: str) -> str:
+    value = text.strip()
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise ConfigError(f"{name}: malformed URL ({exc})") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{name}: expected a postgresql:// URL, got scheme {parts.scheme!r}")
+    return value
 
 
 def _provider(name: str, text: str) -> str:
@@ -124,7 +164,7 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("DATABASE_URL", "--database-url", "postgresql://postgres@localhost:5432/tiles", lambda n, t: t.strip(),
+    Setting("DATABASE_URL", "--database-url", "postgresql://postgres@localhost:5432/tiles", _database_url,
             "PostgreSQL (with PostGIS) connection URL"),
     Setting("HARVESTER_SAMPLES", "--samples", "1000", lambda n, t: _int(n, t, minimum=0),
             "coordinates to sample in this run (each gives one sample per zoom)"),
@@ -132,8 +172,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("HARVESTER_SEED", "--seed", "0", lambda n, t: _int(n, t), "seed of the coordinate sampler"),
     Setting("HARVESTER_REGION", "--region", "france", _region,
             "france | dep:75,92 | bbox:W,S,E,N"),
-    Setting("HARVESTER_POINTS", "--points", None, _path, "CSV of lon,lat to harvest instead of sampling"),
-    Setting("HARVESTER_POPULATION_RASTER", "--population-raster", None, _path,
+    Setting("HARVESTER_POINTS", "--points", None, _points, "CSV of lon,lat to harvest instead of sampling"),
+    Setting("HARVESTER_POPULATION_RASTER", "--population-raster", None, _raster,
             "GeoTIFF of population counts used instead of the embedded data"),
     Setting("HARVESTER_TILE_PROVIDER", "--tile-provider", "ign", _provider, "ign | google | xyz"),
     Setting("HARVESTER_IGN_URL", "--ign-url", "https://data.geopf.fr/wmts", _url, "WMTS endpoint of the ign provider"),
@@ -145,12 +185,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("HARVESTER_OVERPASS_URL", "--overpass-url", "https://overpass-api.de/api/interpreter", _url,
             "Overpass interpreter URL"),
     Setting("HARVESTER_TILE_RATE", "--tile-rate", "10", _positive_float, "tile requests per second, at most"),
-    Setting("HARVESTER_TILE_CONCURRENCY", "--tile-concurrency", "8", lambda n, t: _int(n, t, minimum=1),
-            "tile requests in flight, at most"),
+    Setting("HARVESTER_TILE_CONCURRENCY", "--tile-concurrency", "8",
+            lambda n, t: _int(n, t, minimum=1, maximum=256), "tile requests in flight, at most"),
     Setting("HARVESTER_OVERPASS_RATE", "--overpass-rate", "1", _positive_float,
             "Overpass requests per second, at most"),
-    Setting("HARVESTER_OVERPASS_CONCURRENCY", "--overpass-concurrency", "1", lambda n, t: _int(n, t, minimum=1),
-            "Overpass requests in flight, at most"),
+    Setting("HARVESTER_OVERPASS_CONCURRENCY", "--overpass-concurrency", "1",
+            lambda n, t: _int(n, t, minimum=1, maximum=16), "Overpass requests in flight, at most"),
     Setting("HARVESTER_USER_AGENT", "--user-agent", DEFAULT_USER_AGENT, _user_agent,
             "User-Agent sent to every upstream"),
     Setting("HARVESTER_MAX_ATTEMPTS", "--max-attempts", "5", lambda n, t: _int(n, t, minimum=1),
@@ -159,7 +199,7 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds before one upstream request is abandoned"),
     Setting("HARVESTER_BACKOFF_BASE", "--backoff-base", "2", _positive_float,
             "seconds of the first retry delay (doubles per attempt, with jitter)"),
-    Setting("HARVESTER_LEASE_SECONDS", "--lease-seconds", "120", _positive_float,
+    Setting("HARVESTER_LEASE_SECONDS", "--lease-seconds", "120", lambda n, t: _positive_float(n, t, maximum=86400),
             "seconds a claimed job stays reserved without a heartbeat before another worker may take it"),
 )
 
@@ -218,6 +258,7 @@ def load_settings(environ: Mapping[str, str] | None = None, flags: Mapping[str, 
     environ = os.environ if environ is None else environ
     flags = flags or {}
     values: dict[str, object] = {}
+    given_as: dict[str, str] = {}
     for s in SETTINGS:
         text = flags.get(s.flag)
         name = s.flag if text is not None else s.env
@@ -229,6 +270,7 @@ def load_settings(environ: Mapping[str, str] | None = None, flags: Mapping[str, 
                 text = None  # an empty optional variable (docker compose passes "") means unset
         if text is None:
             text = s.default
+        given_as[s.env] = name
         values[_attr(s)] = None if text is None else s.parse(name, text)
     settings = Settings(**values)
     if settings.tile_provider == "google" and not settings.google_maps_api_key:
@@ -236,7 +278,8 @@ def load_settings(environ: Mapping[str, str] | None = None, flags: Mapping[str, 
     if settings.tile_provider == "xyz" and not settings.tile_url:
         raise ConfigError("HARVESTER_TILE_URL: required by HARVESTER_TILE_PROVIDER=xyz")
     if settings.request_timeout < 2:
-        raise ConfigError("HARVESTER_REQUEST_TIMEOUT: must be at least 2 seconds (Overpass' own timeout stays below it)")
+        raise ConfigError(f"{given_as['HARVESTER_REQUEST_TIMEOUT']}: must be at least 2 seconds"
+                          " (Overpass' own timeout stays below it)")
     return settings
 
 

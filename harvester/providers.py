@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 from typing import Protocol
+from urllib.parse import quote, quote_plus
 
 import aiohttp
 
@@ -114,6 +115,18 @@ class GoogleProvider:
         return token, expiry
 
     async def fetch(self, session: aiohttp.ClientSession, tile: Tile) -> tuple[bytes, str]:
+        try:
+            return await self._fetch(session, tile)
+        except (UpstreamError, TileUnavailable) as exc:
+            # An upstream may echo the request URL (and so the key) in its error page, and an excerpt of that page
+            # goes into the message: take the key out, raw and percent-encoded.
+            text = str(exc)
+            for secret in {self._key, quote(self._key, safe=""), quote_plus(self._key)}:
+                text = text.replace(secret, "***")
+            exc.args = (text,)
+            raise
+
+    async def _fetch(self, session: aiohttp.ClientSession, tile: Tile) -> tuple[bytes, str]:
         token = await self._session(session)
         resp = await self.upstream.request(
             session, "GET", f"{self.base_url}/v1/2dtiles/{tile.z}/{tile.x}/{tile.y}",

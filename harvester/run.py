@@ -51,8 +51,10 @@ async def harvest(settings: Settings, stop: asyncio.Event | None = None, *, over
     """Run the whole harvest; return the final job counts."""
     stop = stop or asyncio.Event()
     sampler_key, points = await asyncio.to_thread(sampler_points, settings)
+    # Connections are held only for single statements: a few dozen serve any concurrency without crowding the
+    # server's max_connections when several workers share it.
     pool = await db.create_pool(settings.database_url, min_size=1,
-                                max_size=settings.tile_concurrency + 2 * settings.overpass_concurrency + 4)
+                                max_size=min(32, settings.tile_concurrency + 2 * settings.overpass_concurrency + 4))
     try:
         async with pool.acquire() as conn:
             added = await enqueue(conn, sampler_key=sampler_key, points=points, zooms=settings.zooms,

@@ -31,7 +31,6 @@ import shapely
 from shapely.errors import GEOSException
 
 from harvester.errors import ConfigError
-from harvester.population_raster import PopulationRaster
 
 ALGORITHM = "v1"  # part of PopulationSampler.key: bump when the same seed would give other points
 BLOCK = 4096  # points per generator; changing it changes every sample
@@ -85,9 +84,9 @@ def _check_lon_lat(lon: float, lat: float, variable: str, where: str) -> None:
         raise ConfigError(f"{variable}: {where}latitude {lat} is outside [-90, 90]")
 
 
-def parse_region(text: str) -> Region:
+def parse_region(text: str, variable: str = "HARVESTER_REGION") -> Region:
     """Parse ``france``, ``dep:75,92`` or ``bbox:W,S,E,N``; raise ConfigError naming HARVESTER_REGION otherwise."""
-    var = "HARVESTER_REGION"
+    var = variable
     kind, sep, rest = text.strip().partition(":")
     kind = kind.strip().lower()
     if kind == "france" and not sep:
@@ -123,12 +122,12 @@ _LON_NAMES = frozenset({"lon", "lng", "long", "longitude", "x"})
 _LAT_NAMES = frozenset({"lat", "latitude", "y"})
 
 
-def read_points_csv(path: str | Path) -> np.ndarray:
+def read_points_csv(path: str | Path, variable: str = "HARVESTER_POINTS") -> np.ndarray:
     """Read a ``lon,lat`` CSV (header optional, blank and ``#`` lines skipped) into an (N, 2) float64 array.
 
     A header naming the columns ``lat,lon`` is honoured. Raises ConfigError naming HARVESTER_POINTS and the line.
     """
-    var = "HARVESTER_POINTS"
+    var = variable
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -247,6 +246,8 @@ class PopulationSampler:
         self.region = region
         self._draw: Callable[[np.random.Generator, int], np.ndarray]
         if raster_path is not None:
+            from harvester.population_raster import PopulationRaster  # rasterio only when a raster is used
+
             raster = PopulationRaster(raster_path, region_outline(region), str(region))
             self._draw, source = raster.draw, f"raster:{raster.sha256}"
         elif region.kind == "bbox" and region.bbox is not None:

@@ -23,6 +23,7 @@ import numpy as np
 import shapely
 
 from .config import Settings
+from .db import DatabaseError
 from .errors import TileUnavailable, UpstreamError
 from .imagery import validate_tile
 from .osm import Footprint
@@ -36,6 +37,11 @@ from .tiles import Tile, lonlat_bounds
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 600.0
+MAX_DATABASE_OUTAGE_S = 60.0
+DATABASE_RETRY_S = 2.0
+#: What a lost or restarting database raises: retried by the worker for up to MAX_DATABASE_OUTAGE_S.
+DATABASE_LOST = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError,
+                 asyncpg.exceptions.OperatorInterventionError, ConnectionError, OSError)
 
 
 @dataclass(frozen=True)
@@ -99,22 +105,50 @@ class Worker:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _loop(self, stop: asyncio.Event) -> None:
+        lost_since: float | None = None
         while not stop.is_set():
-            async with self.pool.acquire() as conn:
-                area = await claim_area(conn, self.worker_id, self.settings.lease_seconds)
-            if area is not None:
-                await self._process_area(area)
-                self._finished_area.set()
-                continue
-            self._finished_area.clear()
-            wait = await self._idle_wait()
-            if wait is None:
-                self._finished_area.set()
-                return
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._finished_area.wait())]
-            await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-            for w in waiters:
-                w.cancel()
+            try:
+                if await self._step(stop):
+                    return
+                lost_since = None
+            except DATABASE_LOST as exc:
+                now = time.monotonic()
+                lost_since = lost_since or now
+                if now - lost_since > MAX_DATABASE_OUTAGE_S:
+                    raise DatabaseError(f"lost the database connection for {now - lost_since:.0f} s "
+                                        f"({type(exc).__name__}: {exc}); jobs in flight return to the queue after "
+                                        "their lease; run again to resume") from None
+                log.warning("database connection lost (%s: %s); retrying in %.0f s", type(exc).__name__, exc,
+                            DATABASE_RETRY_S)
+                await asyncio.sleep(DATABASE_RETRY_S)
+
+    async def _step(self, stop: asyncio.Event) -> bool:
+        """Claim and process one area, or wait; True when the queue is finished."""
+        claim = asyncio.ensure_future(self._claim())
+        try:
+            area = await _uncancellable(claim)
+        except asyncio.CancelledError:  # the server may have updated the rows: give them back
+            if claim.done() and not claim.cancelled() and claim.exception() is None and claim.result():
+                await _uncancellable(self._release([job.job_id for job in claim.result().jobs]))
+            raise
+        if area is not None:
+            await self._process_area(area)
+            self._finished_area.set()
+            return False
+        self._finished_area.clear()
+        wait = await self._idle_wait()
+        if wait is None:
+            self._finished_area.set()
+            return True
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._finished_area.wait())]
+        await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        return False
+
+    async def _claim(self) -> ClaimedArea | None:
+        async with self.pool.acquire() as conn:
+            return await claim_area(conn, self.worker_id, self.settings.lease_seconds)
 
     async def _idle_wait(self) -> float | None:
         """None when the queue is finished; else how long to wait before trying to claim again."""
@@ -139,15 +173,22 @@ class Worker:
                 log.warning("area %s/%s/%s: %s", area.tile.z, area.tile.x, area.tile.y, exc)
                 await asyncio.gather(*(self._fail(job, exc, pending) for job in area.jobs))
                 return
-            await asyncio.gather(*(self._process_job(job, footprints, pending) for job in area.jobs))
+            results = await asyncio.gather(*(self._process_job(job, footprints, pending) for job in area.jobs),
+                                           return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
         except asyncio.CancelledError:
             if pending:
-                async with self.pool.acquire() as conn:
-                    await asyncio.shield(conn.execute(self._sql["release_jobs"], list(pending), self.worker_id))
-                log.info("released %d unfinished jobs", len(pending))
+                await _uncancellable(self._release(list(pending)))
             raise
         finally:
             heartbeat.cancel()
+
+    async def _release(self, job_ids: list[int]) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(self._sql["release_jobs"], job_ids, self.worker_id)
+        log.info("released %d unfinished jobs", len(job_ids))
 
     async def _footprints(self, area: ClaimedArea) -> list[Footprint]:
         if area.fetched:
@@ -206,6 +247,28 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             if pending:
-                async with self.pool.acquire() as conn:
-                    await conn.execute(self._sql["heartbeat"], list(pending), self.worker_id,
-                                       self.settings.lease_seconds)
+                try:
+                    async with self.pool.acquire() as conn:
+                        await conn.execute(self._sql["heartbeat"], list(pending), self.worker_id,
+                                           self.settings.lease_seconds)
+                except DATABASE_LOST as exc:
+                    log.warning("heartbeat: database connection lost (%s)", type(exc).__name__)
+
+
+async def _uncancellable(coro):
+    """Run ``coro`` (a coroutine or a task) to completion even if the caller is cancelled meanwhile, once or
+    repeatedly; re-raise the cancellation afterwards. For the database writes that must not be lost on shutdown: a
+    claim whose rows the server already updated, the release of unfinished jobs."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
