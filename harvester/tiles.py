@@ -88,17 +88,30 @@ def mercator_bounds(tile: Tile) -> MercatorBounds:
     )
 
 
+class PixelGrid(NamedTuple):
+    """A tile image's pixel grid in EPSG:3857: its north-west corner and the side of one (square) pixel."""
+
+    left: float  # metres, easting of the west edge
+    top: float  # metres, northing of the north edge
+    pixel_m: float  # metres, side of one pixel
+
+
+def pixel_grid(tile: Tile, size: int = 256) -> PixelGrid:
+    """The grid of a ``size`` x ``size`` image of the tile: :func:`pixel_transform`'s numbers, without the Affine."""
+    if size <= 0:
+        raise ValueError(f"tile image size must be positive, got {size}")
+    left, _, _, top = mercator_bounds(tile)
+    return PixelGrid(left, top, 2.0 * ORIGIN_SHIFT_M / 2 ** tile[2] / size)
+
+
 def pixel_transform(tile: Tile, size: int = 256) -> Affine:
     """The affine map from (column, row) pixel coordinates of a ``size`` x ``size`` tile image to EPSG:3857 metres.
 
     North-up: pixel (0, 0) is the top-left corner of the tile, (size, size) its bottom-right corner; pixel
     (c, r) covers [c, c+1) x [r, r+1), so its centre is (c + 0.5, r + 0.5). This is the GDAL geotransform convention.
     """
-    if size <= 0:
-        raise ValueError(f"tile image size must be positive, got {size}")
-    left, _, _, top = mercator_bounds(tile)
-    resolution_m = 2.0 * ORIGIN_SHIFT_M / 2 ** tile[2] / size
-    return Affine(resolution_m, 0.0, left, 0.0, -resolution_m, top)
+    left, top, pixel_m = pixel_grid(tile, size)
+    return Affine(pixel_m, 0.0, left, 0.0, -pixel_m, top)
 
 
 def _check_lonlat(lon: float, lat: float) -> tuple[float, float]:

@@ -183,6 +183,26 @@ def test_512_tiles_are_reduced_and_re_encoded(image_format):
     assert np.abs(tile.rgb.astype(float) - area_mean).mean() < 3.0
 
 
+def test_transparency_is_composited_over_black_exactly():
+    """Every colour value under every alpha: the pixels are those of Pillow's alpha_composite over opaque black."""
+    value, alpha = np.meshgrid(np.arange(256), np.arange(256))
+    rgba = Image.fromarray(np.dstack([value, 255 - value, (7 * value) % 256, alpha]).astype(np.uint8), "RGBA")
+    tile = validate_tile(encode(rgba, "png"), "image/png")
+    expected = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    np.testing.assert_array_equal(tile.rgb, np.asarray(expected))
+    assert tile.rgb.flags.c_contiguous
+
+
+def test_512_tiles_with_transparency_are_reduced_over_black():
+    big = np.dstack([textured(512, seed=5), np.full((512, 512), 255, np.uint8)])
+    big[:, :200, 3] = 0  # no data on the west side
+    tile = validate_tile(encode(Image.fromarray(big, "RGBA"), "png"), None)
+    with Image.open(io.BytesIO(tile.data)) as stored:
+        assert stored.size == (256, 256)
+        np.testing.assert_array_equal(np.asarray(stored.convert("RGB")), tile.rgb)
+    assert not tile.rgb[:, :100].any() and tile.rgb[:, 100:].all(axis=-1).mean() > 0.9
+
+
 @pytest.mark.parametrize("mode", ["P", "L", "LA", "RGBA", "1", "I;16", "CMYK"])
 def test_other_modes_become_rgb(mode):
     picture = Image.fromarray(textured())

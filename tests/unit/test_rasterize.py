@@ -9,27 +9,36 @@ on every pixel (no tolerance is needed, so none is allowed).
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import math
 import re
 import time
+import zlib
 from pathlib import Path
 
 import mercantile
 import numpy as np
 import pytest
+import rasterio.features
 import shapely
+from affine import Affine
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 from rasterio.warp import transform as proj_transform
 from rasterio.warp import transform_geom
 from shapely.geometry import GeometryCollection, LineString, MultiPolygon, Point, Polygon, box, mapping, shape
 
-from harvester.rasterize import decode_mask_png, encode_mask_png, rasterize
-from harvester.tiles import Tile, ancestor, lonlat_bounds, mercator_bounds, tile_at
+from harvester.osm import parse_buildings
+from harvester.rasterize import decode_mask_png, encode_mask_png, fill_polygons, rasterize
+from harvester.tiles import EARTH_RADIUS_M, Tile, ancestor, lonlat_bounds, mercator_bounds, pixel_transform, tile_at, \
+    to_mercator
 
 KAMPALA = Path(__file__).resolve().parents[3] / "shared" / "data" / "kampala-oam"
+HELSINKI_OVERPASS = Path(__file__).resolve().parents[1] / "fixtures" / "helsinki_buildings.overpass.json.gz"
 
 
 class Reference:
@@ -144,6 +153,136 @@ def test_kampala_masks_equal_contains_xy():
     assert np.mean(covered) == pytest.approx(0.29, abs=0.01)
 
 
+# --- the same pixels as GDAL ----------------------------------------------------------------------------------------
+
+def gdal_mask(footprints, tile: Tile, size: int = 256) -> np.ndarray:
+    """The mask as GDAL burns it, through rasterio: how rasterize worked before it reimplemented the fill (the oracle).
+
+    The same projection (to_mercator, as shapely.transform calls it) and geotransform; GDAL does the rest.
+    """
+    parts = shapely.get_parts(shapely.get_parts(np.asarray([g for g in footprints if g is not None], dtype=object)))
+    polygons = parts[(shapely.get_type_id(parts) == 3) & ~shapely.is_empty(parts)]
+    mask = np.zeros((size, size), dtype=np.uint8)
+    if polygons.size:
+        projected = shapely.transform(polygons, to_mercator, interleaved=False)
+        rasterio.features.rasterize([(g, 1) for g in projected], out=mask, transform=pixel_transform(tile, size),
+                                    all_touched=False, default_value=1)
+    return mask
+
+
+@pytest.fixture(scope="module")
+def overpass_footprints() -> list:
+    """The committed Overpass answer over Helsinki, through our own parser (as the harvester gets them)."""
+    with gzip.open(HELSINKI_OVERPASS, "rt") as f:
+        return [fp.geometry for fp in parse_buildings(json.load(f)).footprints]
+
+
+def test_masks_equal_gdal_on_real_footprints(overpass_footprints):
+    bounds = shapely.total_bounds(overpass_footprints)
+    tiles = (tiles_over(bounds, 16) + tiles_over(bounds, 17) + tiles_over(bounds, 18)
+             + [t for t in tiles_over(bounds, 19) if (t.x + t.y) % 5 == 0])
+    building_pixels = 0
+    for tile in tiles:
+        mask = rasterize(overpass_footprints, tile)
+        np.testing.assert_array_equal(mask, gdal_mask(overpass_footprints, tile), err_msg=str(tile))
+        building_pixels += int(mask.sum())
+    assert len(tiles) > 500 and building_pixels > 2_000_000
+    for size in (1, 7, 100, 257, 512):  # other grids: the packed sort keys hold any size
+        for tile in tiles_over(bounds, 17)[::7]:
+            np.testing.assert_array_equal(rasterize(overpass_footprints, tile, size), gdal_mask(overpass_footprints,
+                                                                                                tile, size))
+
+
+@pytest.mark.skipif(not KAMPALA.is_dir(), reason=f"real tiles and labels not present at {KAMPALA}")
+def test_kampala_masks_equal_gdal():
+    labels = json.loads((KAMPALA / "labels.geojson").read_text())
+    footprints = [shapely.make_valid(shape(f["geometry"])) for f in labels["features"]]
+    named = [Tile(*map(int, re.fullmatch(r"OAM-(\d+)-(\d+)-(\d+)\.png", p.name).groups()))
+             for p in sorted(KAMPALA.glob("OAM-*-*-*.png"))]
+    for tile in sorted({ancestor(t, z) for t in named for z in range(16, t.z + 1)}):
+        np.testing.assert_array_equal(rasterize(footprints, tile), gdal_mask(footprints, tile), err_msg=str(tile))
+
+
+HALF = st.integers(-8, 72).map(lambda v: v / 2)  # pixel coordinates on a half-pixel grid around a 32-pixel tile
+
+
+@st.composite
+def half_grid_polygons(draw):
+    """Valid polygons whose vertices lie on pixel centres and corners: every tie the scan line can meet."""
+    def oriented(ring):
+        return ring if draw(st.booleans()) else ring[::-1]
+    x0, x1 = sorted(draw(st.lists(HALF, min_size=2, max_size=2, unique=True)))
+    y0, y1 = sorted(draw(st.lists(HALF, min_size=2, max_size=2, unique=True)))
+    kind = draw(st.sampled_from(["box", "courtyard", "hull"]))
+    if kind == "hull":
+        hull = shapely.convex_hull(shapely.multipoints(draw(st.lists(st.tuples(HALF, HALF), min_size=3, max_size=7))))
+        return Polygon(oriented(list(hull.exterior.coords))) if isinstance(hull, Polygon) else None  # not collinear
+    shell = oriented([(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)])
+    if kind == "courtyard" and x1 - x0 >= 2 and y1 - y0 >= 2:
+        hx0, hx1 = x0 + 0.5, x1 - draw(st.sampled_from([0.5, 1.0]))
+        hy0, hy1 = y0 + draw(st.sampled_from([0.5, 1.0])), y1 - 0.5
+        return Polygon(shell, [oriented([(hx0, hy0), (hx1, hy0), (hx1, hy1), (hx0, hy1), (hx0, hy0)])])
+    return Polygon(shell)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(half_grid_polygons(), min_size=1, max_size=5))
+def test_ties_are_decided_as_gdal_decides_them(polygons):
+    """Vertices on centres, edges along lines of centres, overlaps, holes, both ring orientations: GDAL's pixels.
+
+    In pixel space, against rasterio on a north-up geotransform that maps pixels to whole and half metres exactly.
+    """
+    size = 32
+    polygons = [p for p in polygons if p is not None]
+    if not polygons:
+        return
+    rings, ring_polygon = shapely.get_rings(np.asarray(polygons, dtype=object), return_index=True)
+    coords = shapely.get_coordinates(rings)
+    mask = fill_polygons(coords[:, 0], coords[:, 1], shapely.get_num_coordinates(rings), ring_polygon, size)
+    world = [shapely.transform(p, lambda xy: np.column_stack([xy[:, 0], size - xy[:, 1]])) for p in polygons]
+    expected = rasterio.features.rasterize([(g, 1) for g in world], out_shape=(size, size), all_touched=False,
+                                           transform=Affine(1, 0, 0, 0, -1, size), dtype=np.uint8)
+    np.testing.assert_array_equal(mask, expected)
+
+
+def exact_degrees(tile: Tile, axis: int, target: float) -> float | None:
+    """The longitude (axis 0) or latitude (axis 1) that rasterize projects exactly onto column or row ``target`` of
+    ``tile`` (the inverse formula, then nudged one ulp at a time), or None where one ulp jumps over it."""
+    gt = pixel_transform(tile)
+    if axis == 0:
+        degrees = math.degrees((gt.c + target * gt.a) / EARTH_RADIUS_M)
+    else:
+        degrees = math.degrees(math.atan(math.sinh((gt.f + target * gt.e) / EARTH_RADIUS_M)))
+    for _ in range(64):
+        x, y = to_mercator(np.array([degrees]), np.array([degrees]))
+        got = (-gt.c / gt.a + x * (1.0 / gt.a))[0] if axis == 0 else (-gt.f / gt.e + y * (1.0 / gt.e))[0]
+        if got == target:
+            return degrees
+        degrees = float(np.nextafter(degrees, np.inf if (got < target) == (axis == 0) else -np.inf))
+    return None
+
+
+def test_exact_ties_in_a_real_tile_equal_gdal():
+    """Footprints whose vertices project exactly onto pixel centres and corners of a real tile: the projection and
+    GDAL's inverse geotransform are reproduced to the bit, or these pixels would differ."""
+    grid = np.arange(-4, 520) / 2
+    lons = {c: lon for c in grid if (lon := exact_degrees(TILE, 0, c)) is not None}
+    lats = {r: lat for r in grid if (lat := exact_degrees(TILE, 1, r)) is not None}
+    assert len(lons) > len(grid) / 2 and len(lats) > len(grid) / 2  # most of the half-pixel grid is reachable
+    rng = np.random.default_rng(7)
+    footprints = []
+    for _ in range(80):
+        (c0, c1), (r0, r1), (apex_c,), (apex_r,) = (np.sort(rng.choice(list(axis), size=n, replace=False))
+                                                   for axis, n in ((lons, 2), (lats, 2), (lons, 1), (lats, 1)))
+        box_ring = [(lons[c], lats[r]) for c, r in ((c0, r0), (c1, r0), (c1, r1), (c0, r1), (c0, r0))]
+        footprints.append(Polygon(box_ring if rng.random() < 0.5 else box_ring[::-1]))
+        if apex_r != r0:  # a roof (or a keel) on the box's north side
+            footprints.append(Polygon([(lons[c0], lats[r0]), (lons[apex_c], lats[apex_r]), (lons[c1], lats[r0])]))
+    mask = rasterize(footprints, TILE)
+    np.testing.assert_array_equal(mask, gdal_mask(footprints, TILE))
+    assert 1000 < mask.sum() < 256 * 256
+
+
 # --- the rule on constructed shapes ---------------------------------------------------------------------------------
 
 TILE = Tile(66391, 45094, 17)  # Notre-Dame de Paris
@@ -204,6 +343,14 @@ def test_non_polygons_and_empty_input():
     np.testing.assert_array_equal(rasterize([collection], TILE), rasterize([polygon], TILE))
 
 
+def test_non_finite_coordinates_are_refused():
+    west, south, east, north = lonlat_bounds(TILE)
+    with np.errstate(invalid="ignore"):  # shapely warns about the NaN it is asked to build
+        broken = Polygon([(west, south), (east, south), (east, float("nan")), (west, north)])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        rasterize([broken], TILE)
+
+
 def test_far_away_footprints_and_other_sizes():
     far = lonlat_polygon_from_pixels(Tile(0, 0, 17), [rect(0.2, 0.2, 10.2, 10.2)])
     assert rasterize([far], TILE).sum() == 0
@@ -248,6 +395,21 @@ def test_png_is_small_and_fast():
     per_mask = (time.perf_counter() - start) / 50
     assert len(data) < 4000 and per_mask < 0.01, (len(data), per_mask)
     assert len(encode_mask_png(np.zeros((256, 256), np.uint8))) < 200
+
+
+def test_png_is_plain_and_verifiable():
+    """Any shape and dtype; the file passes Pillow's full check (every chunk CRC) and holds one unfiltered stream."""
+    rng = np.random.default_rng(3)
+    for mask in (rng.random((37, 300)) < 0.3, rng.integers(-2, 3, (256, 256)), np.ones((1, 1), np.float32)):
+        data = encode_mask_png(mask)
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        np.testing.assert_array_equal(decode_mask_png(data), (mask != 0).astype(np.uint8))
+        assert data[12:16] == b"IHDR" and data[37:41] == b"IDAT" and data.endswith(b"IEND\xaeB`\x82")
+        scanlines = np.frombuffer(zlib.decompress(data[41:-16]), np.uint8).reshape(mask.shape[0], mask.shape[1] + 1)
+        assert not scanlines[:, 0].any()  # filter type 0 on every line
+    with pytest.raises(ValueError, match="not empty"):
+        encode_mask_png(np.zeros((0, 4), np.uint8))  # PNG has no empty images
 
 
 def test_png_refusals():

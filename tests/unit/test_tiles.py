@@ -23,6 +23,7 @@ from harvester.tiles import (
     check_tile,
     lonlat_bounds,
     mercator_bounds,
+    pixel_grid,
     pixel_transform,
     tile_at,
     to_mercator,
@@ -223,6 +224,14 @@ def test_bad_tiles_refused(tile):
         lonlat_bounds(tile)
     with pytest.raises(ValueError):
         mercator_bounds(tile)
+
+
+@given(tiles(), st.sampled_from([256, 512, 64, 1]))
+def test_pixel_grid_holds_the_transform_numbers(tile, size):
+    grid, transform = pixel_grid(tile, size), pixel_transform(tile, size)
+    assert (grid.left, grid.top, grid.pixel_m, -grid.pixel_m) == (transform.c, transform.f, transform.a, transform.e)
+    with pytest.raises(ValueError):
+        pixel_grid(tile, -size)
 
 
 def test_other_refusals():
