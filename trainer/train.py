@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .augment import augment_batch
 from .checkpoints import Checkpoints
@@ -360,12 +361,11 @@ def train_and_evaluate(config: TrainConfig, workdir: Path | str, *, stop_after: 
             log.info("step %d: val iou %.4f f1 %.4f object_f1 %.4f%s", step, result["iou"], result["f1"],
                      result["object_f1"], " (best so far)" if saved else "")
             summary["last_val"] = result
-            bar.write(f"step {step}: val iou {result['iou']:.4f} f1 {result['f1']:.4f}")
 
         step = start_step
         epoch, first_batch = divmod(step, steps_per_epoch)
         try:
-            with bar:
+            with bar, logging_redirect_tqdm():  # log lines printed above the bar, not through it
                 while step < last_step:
                     batches = prefetch_to_device(train_stream.epoch(epoch, start_batch=first_batch), size=2,
                                                  sharding=batch_sharded(mesh))

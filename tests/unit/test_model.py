@@ -26,16 +26,20 @@ def expected_params(base, depth, cin=3):
     return total + widths[0] + 1  # 1x1 head with bias
 
 
+def _abstract(base, depth, dtype=jnp.float32):
+    """The model's structure, shapes and dtypes, without running its initialisers (nothing to compile)."""
+    return nnx.eval_shape(lambda: UNet(base_filters=base, depth=depth, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
 def test_param_count_tiny_by_hand():
     # base 4, depth 1: encoder 3->4 (108+8+144+8) + bottleneck 4->8 (288+16+576+16) + up 8->4 (128+4)
     # + decoder 8->4 (288+8+144+8) + head (4+1) = 268 + 896 + 132 + 448 + 5
-    assert count_params(build_unet(4, 1)) == 1749
+    assert count_params(_abstract(4, 1)) == 1749
 
 
 @pytest.mark.parametrize("base, depth", [(4, 2), (8, 3), (32, 4), (64, 4)])
 def test_param_count_formula(base, depth):
-    model = nnx.eval_shape(lambda: build_unet(base, depth))
-    assert count_params(model) == expected_params(base, depth)
+    assert count_params(_abstract(base, depth)) == expected_params(base, depth)
 
 
 def test_paper_width_is_about_31_million():
@@ -43,22 +47,30 @@ def test_paper_width_is_about_31_million():
 
 
 def test_output_shape_and_dtype():
-    model = build_unet(4, 2)
-    logits = nnx.jit(lambda m, x: m(x))(model, jnp.zeros((2, 256, 256, 3)))
+    logits = nnx.eval_shape(lambda m, x: m(x), _abstract(4, 2), jnp.zeros((2, 256, 256, 3)))
     assert logits.shape == (2, 256, 256)
     assert logits.dtype == jnp.float32
 
 
+def test_build_unet_initialises_finite_parameters():
+    model = build_unet(4, 1, seed=3)
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(bool(jnp.isfinite(x).all()) for x in leaves)
+    kernels = [x for x in leaves if x.ndim == 4]
+    assert all(float(jnp.std(k)) > 0 for k in kernels)  # random, not constant
+
+
 def test_model_holds_parameters_only():
-    model = nnx.eval_shape(lambda: build_unet(4, 2))
+    model = _abstract(4, 2)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     assert jax.tree.leaves(params) and not jax.tree.leaves(rest)  # GroupNorm: no batch statistics, no RNG state
 
 
 def test_every_layer_gets_a_gradient():
-    model = build_unet(4, 2, seed=1)
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, abstract = nnx.split(_abstract(4, 2), nnx.Param)
     rng = np.random.default_rng(0)
+    # random parameters made on the host: the test is about the gradient path, not the initialisers
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype), abstract)
     images = jnp.asarray(rng.random((2, 32, 32, 3)), jnp.float32)
     targets = jnp.asarray(rng.random((2, 32, 32)) > 0.7, jnp.float32)
 
@@ -75,7 +87,7 @@ def test_every_layer_gets_a_gradient():
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
-    model = nnx.eval_shape(lambda: UNet(base_filters=4, depth=1, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    model = _abstract(4, 1, dtype=jnp.bfloat16)
     assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
     assert nnx.eval_shape(lambda m: m(jnp.zeros((1, 16, 16, 3))), model).dtype == jnp.float32
 

@@ -1,0 +1,451 @@
+"""``trainer train`` / ``evaluate`` on samples inserted in a real migrated database, with a tiny U-Net.
+
+Covers: checkpoints written; a resumed run continues at the right step with the same data order (identical losses
+and parameters to an uninterrupted run); NaN detection exits non-zero with a clear message and leaves the last good
+checkpoint; ``evaluate --json`` counts every sample of a split whose size the batch size does not divide; the
+2-device data-parallel path (in a subprocess, since XLA_FLAGS must be set before jax is imported).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import mercantile
+import numpy as np
+import pytest
+from PIL import Image
+
+from harvester.store import insert_external_sample
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--base-filters", "4", "--depth", "2"]
+
+
+# ------------------------------------------------------------------------------------------- synthetic world
+
+
+def synthetic_sample(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """An aerial-looking tile: textured ground with bright rectangular roofs (and their shadows); mask = the roofs."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    phase = rng.uniform(0, 2 * np.pi, 2)
+    base = rng.uniform(60, 110, 3) * np.array([0.9, 1.1, 0.8])
+    ground = base + 18 * np.sin(2 * np.pi * (1.5 * xx + phase[0]))[..., None] \
+        + 14 * np.cos(2 * np.pi * (2.0 * yy + phase[1]))[..., None]
+    image = ground + rng.normal(0, 14, (size, size, 3))
+    mask = np.zeros((size, size), np.uint8)
+    for _ in range(rng.integers(0, 7)):
+        h, w = rng.integers(10, 42, 2)
+        y, x = rng.integers(0, size - h), rng.integers(0, size - w)
+        image[y + 3:y + h + 3, x + 3:x + w + 3] *= 0.55  # shadow towards the south-east
+        roof = rng.uniform(175, 240) * rng.uniform(0.85, 1.0, 3)
+        image[y:y + h, x:x + w] = roof + rng.normal(0, 6, (h, w, 3))
+        mask[y:y + h, x:x + w] = 1
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+async def _insert(database_url: str, splits: dict[str, int], zooms: tuple[int, ...], seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    conn = await asyncpg.connect(database_url)
+    stats = {"building_pixels": 0, "pixels": 0, "rows": {s: 0 for s in splits}}
+    try:
+        index = 0
+        for split, count in splits.items():
+            for i in range(count):
+                zoom = zooms[i % len(zooms)]
+                tile = mercantile.Tile(x=70_000 + index, y=45_000, z=zoom)
+                index += 1
+                lon, lat = mercantile.ul(tile.x, tile.y, tile.z)
+                image, mask = synthetic_sample(rng)
+                await insert_external_sample(
+                    conn, provider="synthetic", zoom=zoom, tile_x=tile.x, tile_y=tile.y, lon=lon, lat=lat,
+                    image=_jpeg(image), image_format="jpeg", mask_png=_png(mask),
+                    building_pixels=int(mask.sum()), building_count=0, split=split,
+                )
+                stats["rows"][split] += 1
+                if split == "test":
+                    stats["building_pixels"] += int(mask.sum())
+                    stats["pixels"] += mask.size
+    finally:
+        await conn.close()
+    return stats
+
+
+def insert_synthetic_world(database_url: str, splits: dict[str, int], zooms: tuple[int, ...] = (17, 18),
+                           seed: int = 0) -> dict:
+    """Insert synthetic samples per split; returns row counts and the building share of ``test``."""
+    return asyncio.run(_insert(database_url, splits, zooms, seed))
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def run_trainer(*args: str, database_url: str, env: dict | None = None, timeout: float = 300
+                ) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "DATABASE_URL": database_url, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO_ROOT, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _latest_steps(workdir: Path) -> list[int]:
+    latest = workdir / "checkpoints" / "latest"
+    return sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit()) if latest.is_dir() else []
+
+
+def _train_losses(workdir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def _restore_latest_params(workdir: Path):
+    from trainer.checkpoints import Checkpoints
+    from trainer.evaluate import saved_train_config
+    from trainer.train import abstract_train_state, create_optimizer, make_mesh
+
+    config = saved_train_config(workdir, "postgresql://unused")
+    mesh = make_mesh()
+    tx = create_optimizer(config, 1)
+    _, abstract = abstract_train_state(config.base_filters, config.depth, config.compute_dtype, tx, mesh)
+    with Checkpoints(workdir, read_only=True) as checkpoints:
+        return checkpoints.restore_latest(abstract)
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+SPLITS = {"train": 12, "val": 3, "test": 7}  # 12 train = 3 batches of 4; 7 test: not a multiple of 4
+
+
+def tiny_config(database_url: str, **overrides):
+    from trainer.config import TrainConfig
+
+    fields = dict(database_url=database_url, steps=4, batch_size=4, base_filters=4, depth=2, eval_every=2,
+                  checkpoint_every=2, log_every=1, decode_workers=1, prefetch=2)
+    return TrainConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(template_database, tmp_path_factory):
+    """A database with a small synthetic world, and a work directory trained on it for 4 steps (run "A")."""
+    from tests.conftest import ADMIN_URL, database_url
+    from trainer.train import train_and_evaluate
+
+    name = f"tilesmith_train_{os.getpid()}"
+
+    async def admin(sql):
+        conn = await asyncpg.connect(ADMIN_URL)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'))
+    try:
+        url = database_url(name)
+        stats = insert_synthetic_world(url, SPLITS, seed=1)
+        workdir = tmp_path_factory.mktemp("run_a")
+        summary = train_and_evaluate(tiny_config(url), workdir)
+        yield {"url": url, "workdir": workdir, "stats": stats, "summary": summary}
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(autouse=True)
+def _no_compilation_cache_in_home(monkeypatch, tmp_path_factory):
+    """The CLI run in-process must not point JAX's cache at the home directory of whoever runs the tests."""
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jax-cache"))
+
+
+def cli(*args: str) -> int:
+    """``trainer ARGS`` in this process: its exit status (argparse's exit included)."""
+    from trainer.cli import main
+
+    try:
+        return main(list(args))
+    except SystemExit as exc:
+        return exc.code
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def test_training_writes_checkpoints_config_and_metrics(trained):
+    workdir = trained["workdir"]
+    assert trained["summary"]["step"] == 4
+    assert _latest_steps(workdir) == [2, 4]
+    assert [p.name for p in (workdir / "checkpoints" / "best").iterdir() if p.name.isdigit()]
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["base_filters"] == 4 and config["resolved"]["total_steps"] == 4
+    assert config["resolved"]["steps_per_epoch"] == 3 and config["resolved"]["train_samples"] == 12
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    val = [r for r in records if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [2, 4] and all(r["samples"] == 3 for r in val)
+    assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+
+
+def test_resume_continues_at_the_right_step_with_the_same_data_order(trained, tmp_path):
+    from trainer.train import train_and_evaluate
+
+    config = tiny_config(trained["url"])
+    first = train_and_evaluate(config, tmp_path, stop_after=2)  # "preempted" after 2 steps (mid epoch 0)
+    assert first["step"] == 2 and _latest_steps(tmp_path) == [2]
+    second = train_and_evaluate(config, tmp_path)  # resumes at epoch 0 batch 2, then epoch 1
+    assert second["step"] == 4 and _latest_steps(tmp_path) == [2, 4]
+    uninterrupted = _train_losses(trained["workdir"])
+    resumed = _train_losses(tmp_path)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):  # same batches and augmentations: the same losses as the uninterrupted run
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5), step
+    a, b = _restore_latest_params(trained["workdir"]), _restore_latest_params(tmp_path)
+    assert int(a.step) == int(b.step) == 4
+    for x, y in zip(jax_leaves(a.params), jax_leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    # nothing left to do: a third run returns at once
+    assert train_and_evaluate(config, tmp_path)["step"] == 4
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(trained, tmp_path, capsys, monkeypatch):
+    """A NaN loss at step 3 (injected into the real, already compiled step) stops `trainer train` with exit 1."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    from trainer import train as train_module
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir)
+    shutil.rmtree(workdir / "checkpoints" / "latest" / "4")  # as if run A had stopped after step 2
+    compiled = train_module.compiled_functions
+
+    def poisoned(spec, mesh):
+        tx, graphdef, init, step = compiled(spec, mesh)
+
+        def step_with_nan(state, batch):
+            state, metrics = step(state, batch)
+            if int(state.step) == 3:
+                metrics = {**metrics, "loss": jnp.float32(jnp.nan)}
+            return state, metrics
+
+        return tx, graphdef, init, step_with_nan
+
+    monkeypatch.setattr(train_module, "compiled_functions", poisoned)
+    code = cli("train", "--workdir", str(workdir), "--database-url", trained["url"], "--steps", "4",
+               "--batch-size", "4", "--base-filters", "4", "--depth", "2", "--eval-every", "2",
+               "--checkpoint-every", "2")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "training diverged at step 3: loss=nan" in err and "last good checkpoint (step 2)" in err
+    assert "--lr" in err
+    assert _latest_steps(workdir) == [2]
+    assert not (workdir / "checkpoints" / "latest" / "4").exists()
+    state = _restore_latest_params(workdir)
+    assert int(state.step) == 2 and all(np.isfinite(x).all() for x in jax_leaves(state.params))
+
+
+def test_two_devices_data_parallel(trained, tmp_path):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache")}
+    common = ["--steps", "2", "--base-filters", "4", "--depth", "2", "--eval-every", "2"]
+    refused = run_trainer("train", "--workdir", str(tmp_path / "odd"), "--batch-size", "3", *common,
+                          database_url=trained["url"], env=env)
+    assert refused.returncode == 2
+    assert "--batch-size: 3 is not a multiple of the 2 local cpu devices" in refused.stderr
+    with_password = trained["url"].replace("://postgres@", "://postgres:hunter2@")  # trust auth ignores it
+    done = run_trainer("train", "--workdir", str(tmp_path / "dp"), "--batch-size", "4", *common,
+                       database_url=with_password, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "hunter2" not in done.stderr + done.stdout
+    assert "hunter2" not in (tmp_path / "dp" / "config.json").read_text()
+    config = json.loads((tmp_path / "dp" / "config.json").read_text())
+    assert config["resolved"]["devices"] == 2
+    losses = _train_losses(tmp_path / "dp")
+    assert sorted(losses) == [2] and np.isfinite(losses[2])
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_json_counts_every_sample(trained, capsys):
+    code = cli("evaluate", "--workdir", str(trained["workdir"]), "--database-url", trained["url"], "--json",
+               "--batch-size", "4")
+    out = capsys.readouterr().out
+    assert code == 0
+    result = json.loads(out)  # exactly one JSON object on stdout
+    assert set(result) == {"iou", "f1", "precision", "recall", "pixel_accuracy", "samples", "per_zoom",
+                           "object_f1"}
+    assert result["samples"] == SPLITS["test"] == trained["stats"]["rows"]["test"]
+    assert set(result["per_zoom"]) == {"17", "18"}
+    assert sum(z["samples"] for z in result["per_zoom"].values()) == SPLITS["test"]
+    for metrics in [result, *result["per_zoom"].values()]:
+        assert {"iou", "f1", "precision", "recall", "pixel_accuracy", "samples", "object_f1"} <= set(metrics)
+        assert all(0.0 <= metrics[k] <= 1.0 for k in ("iou", "f1", "precision", "recall", "pixel_accuracy"))
+
+
+def test_evaluate_table_and_split_and_zooms(trained, capsys):
+    code = cli("evaluate", "--workdir", str(trained["workdir"]), "--database-url", trained["url"], "--split", "val",
+               "--zooms", "17", "--batch-size", "4")
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["zoom", "samples", "iou", "f1", "precision", "recall", "pixel_accuracy", "object_f1"]
+    assert lines[2].split()[:2] == ["val", "2"]  # val rows 0 and 2 are zoom 17
+    assert lines[3].split()[0] == "z17" and len(lines) == 4
+
+
+def test_evaluate_without_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
+    (tmp_path / "config.json").write_text((trained["workdir"] / "config.json").read_text())
+    code = cli("evaluate", "--workdir", str(tmp_path), "--database-url", trained["url"])
+    assert code == 1
+    assert "no checkpoint in" in capsys.readouterr().err
+    assert cli("evaluate", "--workdir", str(tmp_path / "nothing"), "--database-url", trained["url"]) == 2
+    assert "config.json not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- predict
+
+
+def test_predict_from_an_image_with_geojson(trained, tmp_path):
+    rng = np.random.default_rng(5)
+    image, _ = synthetic_sample(rng)
+    (tmp_path / "tile.png").write_bytes(_png(image))
+    out, geojson = tmp_path / "mask.png", tmp_path / "buildings.geojson"
+    assert cli("predict", "--workdir", str(trained["workdir"]), "--image", str(tmp_path / "tile.png"),
+               "--tile", "18/132800/90200", "--out", str(out), "--geojson", str(geojson)) == 0
+    mask = np.asarray(Image.open(out))
+    assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 255}
+    collection = json.loads(geojson.read_text())
+    assert collection["type"] == "FeatureCollection"
+    bounds = mercantile.bounds(132800, 90200, 18)
+    for feature in collection["features"]:
+        for lon, lat in feature["geometry"]["coordinates"][0]:
+            assert bounds.west - 1e-9 <= lon <= bounds.east + 1e-9 and bounds.south - 1e-9 <= lat <= bounds.north + 1e-9
+
+
+def test_predict_refusals(trained, tmp_path, capsys):
+    big = tmp_path / "big.png"
+    big.write_bytes(_png(np.zeros((300, 200, 3), np.uint8)))
+    workdir = str(trained["workdir"])
+    assert cli("predict", "--workdir", workdir, "--image", str(big), "--out", str(tmp_path / "m.png")) == 1
+    assert "is 200x300 pixels" in capsys.readouterr().err
+    tile = tmp_path / "tile.png"
+    tile.write_bytes(_png(np.zeros((256, 256, 3), np.uint8)))
+    assert cli("predict", "--workdir", workdir, "--image", str(tile), "--out", str(tmp_path / "m.png"),
+               "--geojson", str(tmp_path / "b.geojson")) == 2
+    assert "--geojson: the tile of --image is unknown" in capsys.readouterr().err
+    assert cli("predict", "--workdir", workdir, "--lon", "2.35", "--out", str(tmp_path / "m.png")) == 2
+    assert "--lon: needs --lat and --zoom" in capsys.readouterr().err
+
+
+def test_predict_from_lon_lat_fetches_the_tile(trained, tmp_path, monkeypatch):
+    """--lon/--lat/--zoom: the tile comes from the configured provider (an xyz server on 127.0.0.1 here)."""
+    import http.server
+    import threading
+
+    image, _ = synthetic_sample(np.random.default_rng(6))
+    body = _png(image)
+    requested = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            requested.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("HARVESTER_TILE_PROVIDER", "xyz")
+        monkeypatch.setenv("HARVESTER_TILE_URL", f"http://127.0.0.1:{server.server_port}/{{z}}/{{x}}/{{y}}.png")
+        out, geojson = tmp_path / "mask.png", tmp_path / "b.geojson"
+        assert cli("predict", "--workdir", str(trained["workdir"]), "--lon", "2.3522", "--lat", "48.8566",
+                   "--zoom", "17", "--out", str(out), "--geojson", str(geojson)) == 0
+    finally:
+        server.shutdown()
+    tile = mercantile.tile(2.3522, 48.8566, 17)
+    assert requested == [f"/17/{tile.x}/{tile.y}.png"]
+    assert json.loads(geojson.read_text())["properties"]["tile"] == f"17/{tile.x}/{tile.y}"
+    assert np.asarray(Image.open(out)).shape == (256, 256)
+
+
+# ------------------------------------------------------------------------------------------- usage errors
+
+
+@pytest.mark.parametrize("args, env, expected", [
+    (["train", "--workdir", "w", "--steps", "0"], {}, "argument --steps: expected a positive integer, got '0'"),
+    (["train", "--workdir", "w", "--steps", "3", "--epochs", "1"], {}, "argument --epochs: not allowed with"),
+    (["train", "--workdir", "w", "--zooms", "17,x"], {}, "argument --zooms: expected comma-separated"),
+    (["train", "--workdir", "w", "--lr", "nan"], {}, "argument --lr: expected a finite number"),
+    (["train", "--workdir", "w"], {"DATABASE_URL": "mysql://user:hunter2@db/tiles"}, "DATABASE_URL: expected"),
+    (["train", "--workdir", "w", "--database-url", "nope://u:hunter2@h/d"], {}, "--database-url: expected"),
+    (["evaluate", "--workdir", "w", "--split", "holdout"], {}, "argument --split: invalid choice"),
+])
+def test_malformed_settings_exit_2_with_one_line(args, env, expected, monkeypatch, capsys):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code = cli(*args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err and len(err.strip().splitlines()) == 1
+    assert "hunter2" not in err
+
+
+# ------------------------------------------------------------------------------------------- geo helpers (pure)
+
+
+def test_tile_pixels_map_to_the_tile_bounds():
+    from trainer.predict import pixels_to_lonlat
+
+    tile = mercantile.Tile(132800, 90200, 18)
+    bounds = mercantile.bounds(tile)
+    corners = pixels_to_lonlat(np.array([[0.0, 0.0], [256.0, 256.0]]), tile)
+    np.testing.assert_allclose(corners, [[bounds.west, bounds.north], [bounds.east, bounds.south]], atol=1e-9)
+
+
+def test_mask_to_geojson_gives_one_polygon_per_building():
+    from shapely.geometry import shape
+
+    from trainer.predict import mask_to_geojson
+
+    mask = np.zeros((256, 256), bool)
+    mask[10:20, 30:50] = True
+    mask[100:140, 100:104] = True
+    tile = mercantile.Tile(66400, 45100, 17)
+    collection = mask_to_geojson(mask, tile)
+    assert sorted(f["properties"]["pixels"] for f in collection["features"]) == [160, 200]
+    bounds = mercantile.bounds(tile)
+    first = shape(next(f["geometry"] for f in collection["features"] if f["properties"]["pixels"] == 200))
+    west, south, east, north = first.bounds
+    pixel_deg = (bounds.east - bounds.west) / 256
+    assert west == pytest.approx(bounds.west + 30 * pixel_deg) and east == pytest.approx(bounds.west + 50 * pixel_deg)
+    assert north < bounds.north and south > bounds.south and first.is_valid
