@@ -99,8 +99,10 @@ def parse_buildings(payload: object) -> ParsedBuildings:
             ways.append(parsed)
     footprints = _way_footprints(ways, tally) + relations
     repaired = tally.pop(_REPAIRED, 0)
-    log.info("overpass answer: %d elements, %d footprints (%d repaired with make_valid), dropped %s",
-             len(elements), len(footprints), repaired, dict(tally) or "none")
+    # INFO only when something was dropped or repaired: one line per clean answer is noise at harvest rates.
+    log.log(logging.INFO if tally or repaired else logging.DEBUG,
+            "overpass answer: %d elements, %d footprints (%d repaired with make_valid), dropped %s",
+            len(elements), len(footprints), repaired, dict(tally) or "none")
     return ParsedBuildings(footprints, dict(tally))
 
 

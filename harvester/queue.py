@@ -98,8 +98,10 @@ async def claim_area(conn: asyncpg.Connection, worker: str, lease_s: float) -> C
 async def store_buildings(conn: asyncpg.Connection, area_id: int, footprints: Sequence[Footprint],
                           dropped: int) -> None:
     """Store the area's footprints and mark it fetched (one statement: all or nothing)."""
+    geoms = np.empty(len(footprints), dtype=object)
+    geoms[:] = [f.geometry for f in footprints]
     await conn.execute(queries()["store_buildings"], area_id, [f.osm_type for f in footprints],
-                       [f.osm_id for f in footprints], [shapely.to_wkb(f.geometry) for f in footprints],
+                       [f.osm_id for f in footprints], shapely.to_wkb(geoms).tolist(),  # one vectorized call
                        [json.dumps(f.tags) for f in footprints], dropped)
 
 

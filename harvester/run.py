@@ -13,6 +13,7 @@ import logging
 import signal
 import time
 
+import asyncpg
 import numpy as np
 
 from . import db
@@ -40,6 +41,19 @@ def sampler_points(settings: Settings) -> tuple[str, np.ndarray]:
     return f"{sampler.key}|seed={settings.seed}", sampler.sample(settings.samples, settings.seed)
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset on release: nothing beyond asyncpg's own (which rolls back a transaction left open). The default
+    also sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` after every statement: one more round
+    trip per statement for state the worker never creates (no advisory locks, cursors, LISTEN or SET here)."""
+
+
+async def _create_pool(dsn: str, *, max_size: int) -> asyncpg.Pool:
+    try:
+        return await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, reset=_keep_session)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise db.DatabaseError(f"cannot connect to DATABASE_URL ({db._redact(dsn)}): {exc}") from exc
+
+
 def overpass_client(settings: Settings) -> OverpassClient:
     upstream = Upstream("overpass", rate=settings.overpass_rate, concurrency=settings.overpass_concurrency,
                         timeout=settings.request_timeout, max_bytes=MAX_RESPONSE_BYTES)
@@ -53,8 +67,8 @@ async def harvest(settings: Settings, stop: asyncio.Event | None = None, *, over
     sampler_key, points = await asyncio.to_thread(sampler_points, settings)
     # Connections are held only for single statements: a few dozen serve any concurrency without crowding the
     # server's max_connections when several workers share it.
-    pool = await db.create_pool(settings.database_url, min_size=1,
-                                max_size=min(32, settings.tile_concurrency + 2 * settings.overpass_concurrency + 4))
+    pool = await _create_pool(settings.database_url,
+                              max_size=min(32, settings.tile_concurrency + 2 * settings.overpass_concurrency + 4))
     try:
         async with pool.acquire() as conn:
             added = await enqueue(conn, sampler_key=sampler_key, points=points, zooms=settings.zooms,
