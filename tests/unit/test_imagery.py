@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import zlib
 from pathlib import Path
 
@@ -71,20 +70,6 @@ def test_real_tiles_are_valid_and_stored_as_sent(kampala_bodies):
 def test_real_tiles_are_far_from_blank(kampala_bodies):
     shares = [blank_share(validate_tile(body, None).rgb) for body in kampala_bodies.values()]
     assert max(shares) < 0.5 * BLANK_SHARE
-
-
-@needs_kampala
-def test_validating_a_jpeg_tile_is_fast(kampala_bodies):
-    jpegs = [b for b in kampala_bodies.values() if sniff_format(b) == "jpeg"]
-    best = float("inf")
-    for _ in range(5):  # CPU time, best of several rounds: the machine may be busy with other work
-        start = time.process_time()
-        for body in jpegs:
-            validate_tile(body, "image/jpeg")
-        best = min(best, (time.process_time() - start) / len(jpegs))
-    # Measured about 0.9 ms on an idle 2-core machine (1.5 ms with other test suites running): decoding is most of it.
-    # The bound is looser than the 2 ms target only to keep a busy CI machine from failing the suite.
-    assert best < 0.003, f"{best * 1000:.2f} ms per 256x256 JPEG"
 
 
 @needs_dubai
@@ -164,10 +149,8 @@ def test_decompression_bomb_is_refused_before_decoding():
     header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)  # 10^10 RGB pixels, claimed
     bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + \
         chunk(b"IEND", b"")
-    start = time.perf_counter()
     with pytest.raises(BadTile):
         validate_tile(bomb, "image/png")
-    assert time.perf_counter() - start < 0.5
 
 
 @pytest.mark.parametrize("image_format", ["jpeg", "png", "webp"])

@@ -14,7 +14,6 @@ import io
 import json
 import math
 import re
-import time
 import zlib
 from pathlib import Path
 
@@ -361,15 +360,10 @@ def test_far_away_footprints_and_other_sizes():
     np.testing.assert_array_equal(small, expected)
 
 
-def test_rasterize_is_fast(helsinki_footprints):
-    tile = tile_at(24.945, 60.170, 17)  # central Helsinki
-    rasterize(helsinki_footprints, tile)
-    start = time.perf_counter()
-    for _ in range(10):
-        mask = rasterize(helsinki_footprints, tile)
-    per_tile = (time.perf_counter() - start) / 10
+def test_rasterize_central_helsinki(helsinki_footprints):
+    tile = tile_at(24.945, 60.170, 17)  # central Helsinki (speed: bench/bench_cores.py)
+    mask = rasterize(helsinki_footprints, tile)
     assert mask.sum() > 10_000
-    assert per_tile < 0.05, f"{per_tile * 1000:.1f} ms for {len(helsinki_footprints)} footprints"
 
 
 # --- PNG ------------------------------------------------------------------------------------------------------------
@@ -384,16 +378,12 @@ def test_png_round_trip(mask):
     np.testing.assert_array_equal(decode_mask_png(data), (mask != 0).astype(np.uint8))
 
 
-def test_png_is_small_and_fast():
+def test_png_is_small():
     yy, xx = np.mgrid[:256, :256]
     mask = (((xx // 37) + (yy // 23)) % 3 == 0).astype(np.uint8)  # blocky like buildings
     mask[100:140, 30:200] = 1
-    encode_mask_png(mask)
-    start = time.perf_counter()
-    for _ in range(50):
-        data = encode_mask_png(mask)
-    per_mask = (time.perf_counter() - start) / 50
-    assert len(data) < 4000 and per_mask < 0.01, (len(data), per_mask)
+    data = encode_mask_png(mask)
+    assert len(data) < 4000, len(data)
     assert len(encode_mask_png(np.zeros((256, 256), np.uint8))) < 200
 
 
