@@ -7,6 +7,11 @@ local device) on a synthetic batch already on the device, so the input pipeline 
 (``jax.jit(...).lower(...).compile().cost_analysis()``); MFU = achieved FLOP/s / peak FLOP/s of the devices, with the
 peak of the accelerator's dense bfloat16 tensor cores (H100 / H200 SXM: 989 TFLOP/s) or ``--peak-tflops``.
 
+With the loader (the default), one run also measures the input pipeline: samples/s of
+:class:`trainer.data.SampleStream` from PostgreSQL (``bench/bench_loader.py``: the dubai-aerial JPEG crops in a
+temporary database, or ``--database-url``), and prints, for each model, the ratio loader samples/s / train images/s:
+above 1 the loader stays ahead of the device, below 1 the device waits for data. ``--no-loader``: the step alone.
+
     python bench/bench_train.py --base-filters 32 64 --batch-size 8 --steps 10
 """
 
@@ -23,6 +28,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.bench_loader import (  # noqa: E402
+    DEFAULT_ADMIN_URL,
+    DEFAULT_DATA,
+    bench_database,
+    loader_samples_per_s,
+)
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.model import default_compute_dtype  # noqa: E402
 from trainer.train import StepSpec, batch_sharded, compiled_functions, make_mesh  # noqa: E402
@@ -94,7 +105,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--peak-tflops", type=float, help="peak dense TFLOP/s of one device, for MFU")
+    parser.add_argument("--no-loader", dest="loader", action="store_false", help="do not measure the loader")
+    parser.add_argument("--database-url", help="loader: an existing database with samples in split train (read only)")
+    parser.add_argument("--admin-url", default=DEFAULT_ADMIN_URL, help="loader: where to create the temporary "
+                        "database of the dubai-aerial crops")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="loader: the dubai-aerial folder")
+    parser.add_argument("--decode-workers", type=int, default=2, help="loader: decode threads (default 2)")
+    parser.add_argument("--loader-samples", type=int, default=1000, help="loader: samples to time (default 1000)")
     args = parser.parse_args(argv)
+    loader = None
+    if args.loader:
+        def measure(url: str) -> float:
+            return loader_samples_per_s(url, args.batch_size, args.decode_workers, samples=args.loader_samples)
+
+        if args.database_url:
+            loader = measure(args.database_url)
+        else:
+            with bench_database(args.admin_url, args.data) as url:
+                loader = measure(url)
+        print(f"loader (PostgreSQL -> decoded batches of {args.batch_size}, {args.decode_workers} decode workers): "
+              f"{loader:.1f} samples/s", flush=True)
     for base in args.base_filters:
         r = benchmark(base, args.batch_size, args.steps, depth=args.depth, compute_dtype=args.compute_dtype,
                       peak_tflops=args.peak_tflops)
@@ -103,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         gflop = f"{r['flops_per_step'] / 1e9:.1f}" if r["flops_per_step"] else "n/a"
         print(f"{r['backend']} ({r['device']} x{r['devices']}) base {base} depth {r['depth']} batch {r['batch_size']} "
               f"{r['compute_dtype']}: {r['images_per_s']:.2f} images/s, {r['step_s'] * 1000:.0f} ms/step, "
-              f"{gflop} GFLOP/step, {tflops} TFLOP/s, MFU {mfu} (compile {r['compile_s']:.0f} s)", flush=True)
+              f"{gflop} GFLOP/step, {tflops} TFLOP/s, MFU {mfu} (compile {r['compile_s']:.0f} s)"
+              + (f"; loader/train = {loader / r['images_per_s']:.2f}"
+                 f" ({'loader ahead' if loader >= r['images_per_s'] else 'DEVICE WAITS FOR DATA'})"
+                 if loader is not None else ""), flush=True)
     return 0
 
 

@@ -16,6 +16,7 @@ import email.utils
 import logging
 import time
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import aiohttp
 from aiolimiter import AsyncLimiter
@@ -77,11 +78,14 @@ class Upstream:
         params: dict[str, str] | None = None,
         data: dict[str, str] | None = None,
         json: object | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> Response:
         """Send one request; return its response whatever the status. Network errors, timeouts and oversized
         bodies raise :class:`UpstreamError` whose message names ``what`` (never the URL: it may hold a key)."""
         async with self._slots:
             await self._limiter.acquire()
+            if before_send is not None:  # e.g. a pause the upstream imposed while this request was queued
+                await before_send()
             self.requests_sent += 1
             try:
                 async with asyncio.timeout(self.timeout):

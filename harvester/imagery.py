@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from .errors import BadTile, TileUnavailable
@@ -93,8 +94,13 @@ def validate_tile(body: bytes, content_type: str | None) -> ValidTile:
         if image.size not in ((TILE_SIZE, TILE_SIZE), (2 * TILE_SIZE, 2 * TILE_SIZE)):
             raise BadTile(f"{image_format} tile is {image.width}x{image.height} pixels, expected "
                           f"{TILE_SIZE}x{TILE_SIZE} (or {2 * TILE_SIZE}x{2 * TILE_SIZE}, which is reduced)")
-        image.load()  # the full decode: truncated and corrupt data fail here, not in the trainer
-        rgb_image = _to_rgb(image)
+        if image_format == "jpeg":
+            # libjpeg-turbo in strict mode: Pillow only warns about corrupt entropy-coded data and returns grey
+            # pixels (which would then pass as a blank tile); strict mode raises on it. One decode either way.
+            rgb_image = Image.fromarray(simplejpeg.decode_jpeg(body, colorspace="RGB", strict=True))
+        else:
+            image.load()  # the full decode: truncated and corrupt data fail here, not in the trainer
+            rgb_image = _to_rgb(image)
         if rgb_image.size != (TILE_SIZE, TILE_SIZE):
             if rgb_image.mode == "RGBa":
                 rgb_image = Image.fromarray(np.asarray(rgb_image)[..., :3])

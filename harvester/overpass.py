@@ -68,7 +68,8 @@ class OverpassClient:
         """Building footprints intersecting ``bounds`` (west, south, east, north), whole (never cut at the bbox)."""
         await self._wait_for_slot(session)
         query = building_query(bounds, self.query_timeout, self.maxsize)
-        resp = await self.upstream.request(session, "POST", self.url, data={"data": query}, what="building query")
+        resp = await self.upstream.request(session, "POST", self.url, data={"data": query}, what="building query",
+                                           before_send=self._respect_pause)
         self._check_status(resp)
         try:
             payload = json.loads(resp.body)
@@ -96,6 +97,11 @@ class OverpassClient:
             err = UpstreamError(f"{err} (Overpass refuses requests without an identifying User-Agent: set "
                                 "HARVESTER_USER_AGENT to name the application and a contact)", status=406)
         raise err
+
+    async def _respect_pause(self) -> None:
+        """Hold a query that was already queued when a 429 or 504 started a pause (the pause may be extended)."""
+        while (delay := self._paused_until - time.monotonic()) > 0:
+            await asyncio.sleep(delay)
 
     def _pause(self, seconds: float) -> None:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)

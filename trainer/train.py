@@ -225,6 +225,7 @@ def evaluate_stream(eval_fn: Callable, params: nnx.State, stream: SampleStream, 
     pending = None
     bar = tqdm(total=stream.num_batches(), unit="batch", desc=f"evaluate {stream.split}", disable=not progress,
                leave=False)
+    skipped_before = stream.skipped  # `skipped` counts over the stream's life; this pass is what matters here
     with bar:
         for batch in stream.epoch(0):
             arrays = jax.device_put({"images": batch.images, "masks": batch.masks, "valid": batch.valid}, sharding)
@@ -235,10 +236,11 @@ def evaluate_stream(eval_fn: Callable, params: nnx.State, stream: SampleStream, 
             bar.update()
         if pending is not None:
             consume(*pending)
-    expected = len(stream) - stream.skipped
+    skipped = stream.skipped - skipped_before
+    expected = len(stream) - skipped
     if metrics.samples != expected:
         raise DataError(f"evaluated {metrics.samples} samples of {stream.split!r}, expected {expected} "
-                        f"({len(stream)} in the split, {stream.skipped} skipped)")
+                        f"({len(stream)} in the split, {skipped} skipped)")
     return metrics.result()
 
 

@@ -89,6 +89,7 @@ class Knobs:
     session_lifetime_s: float = 14 * 86400.0  # google: session validity (real: about two weeks)
     tile_px: int = 256  # google: tile size of sessions (512 also when a session asks for highDpi)
     expired_session_status: int = 401  # google: 401 UNAUTHENTICATED or 400 INVALID_ARGUMENT for an expired session
+    session_faults: bool = True  # google: faults also hit createSession (False: only tile requests draw faults)
     slots: int = 2  # overpass: queries run at once; one more gets 429
     slot_cooldown_s: float = 0.0  # overpass: a slot stays taken this long after its query ends
     query_s: float = 0.0  # overpass: simulated run time of a query; past the query's [timeout:] it times out
@@ -112,6 +113,7 @@ class RequestRecord:
     fault: str | None = None
     duration_s: float | None = None
     reset: bool = False  # the connection was aborted without a response
+    key: str | None = None  # what the fault draw was keyed on: "z/x/y" for tiles, the query text for Overpass
 
 
 class Service:
@@ -143,8 +145,12 @@ class Service:
         with self._lock:
             self.knobs = self.knobs.replace(**changes)
 
-    def pick(self, key: str) -> str | None:
-        """The fault for this request (None for a normal answer), deterministic in (seed, key, times seen)."""
+    def pick(self, key: str, record: RequestRecord | None = None) -> str | None:
+        """The fault for this request (None for a normal answer), deterministic in (seed, key, times seen).
+
+        ``record`` (the request's log entry) is given the key, so tests can count the requests per tile or query."""
+        if record is not None:
+            record.key = key
         with self._lock:
             faults = self.faults
             if not faults:
@@ -245,8 +251,12 @@ async def send_truncated(request: web.Request, body: bytes, content_type: str) -
     """Announce the whole body, send half of it, close the connection."""
     response = web.StreamResponse(headers={"Content-Type": content_type})
     response.content_length = len(body)
-    await response.prepare(request)
-    await response.write(body[: len(body) // 2])
+    try:
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+    except ConnectionResetError:  # the client gave up first (its timeout): nothing more to send
+        request[RECORD].reset = True
+        return response
     if request.transport is not None:
         request.transport.close()
     return response

@@ -111,7 +111,8 @@ async def create_session(request: web.Request) -> web.StreamResponse:
             return google_error(400, f"Invalid request: '{field}' is required.")
     if body["mapType"] not in MAP_TYPES:
         return google_error(400, f"Invalid value at 'map_type' ({body['mapType']}).")
-    fault = service.pick("createSession")
+    request[RECORD].key = "createSession"
+    fault = service.pick("createSession", request[RECORD]) if service.knobs.session_faults else None
     response = await common_fault(request, service, fault, google_error)
     if response is not None:
         return response
@@ -143,6 +144,7 @@ def _expired(service: Service) -> web.Response:
 
 async def tile(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
+    request[RECORD].key = "/".join(request.match_info[k] for k in "zxy")  # also for auth and session errors
     denied = _key_error(request)
     if denied is not None:
         return denied
@@ -160,7 +162,7 @@ async def tile(request: web.Request) -> web.StreamResponse:
         return google_error(400, "Invalid tile coordinates.")
     if not tile_exists(service, z, x, y):
         return google_error(404)
-    fault = service.pick(f"{z}/{x}/{y}")
+    fault = service.pick(f"{z}/{x}/{y}", request[RECORD])
     if fault == "session_expired":
         request[RECORD].fault = fault
         return _expired(service)

@@ -208,7 +208,7 @@ async def interpreter(request: web.Request) -> web.StreamResponse:
     text = await _query_text(request)
     if not text or not text.strip():
         return osm3s_page(400, "line 1: parse error: No query found (send it as the form field 'data')")
-    fault = service.pick(text)
+    fault = service.pick(text, request[RECORD])
     try:
         query = parse(text)
     except QLError as exc:

@@ -13,7 +13,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from aiohttp import web
 
-from .faults import SERVICE, Service, common_fault, make_observer, nginx_error, send_truncated
+from .faults import RECORD, SERVICE, Service, common_fault, make_observer, nginx_error, send_truncated
 from .osm import tile_bounds
 from .render import blank
 from .world import World
@@ -72,10 +72,11 @@ async def xyz_tile(request: web.Request) -> web.StreamResponse:
         z, x, y = int(info["z"]), int(info["x"]), int(y_text)
     except ValueError:
         return nginx_error(404)
+    request[RECORD].key = f"{z}/{x}/{y}"  # also on the answers given before the fault draw (404s)
     fmt = service.knobs.image_format
     if ext and EXTENSIONS.get(ext.lower()) != fmt or not tile_exists(service, z, x, y):
         return nginx_error(404)
-    fault = service.pick(f"{z}/{x}/{y}")
+    fault = service.pick(f"{z}/{x}/{y}", request[RECORD])
     response = await common_fault(request, service, fault, nginx_error)
     if response is not None:
         return response
@@ -148,6 +149,7 @@ async def wmts(request: web.Request) -> web.StreamResponse:
         z, y, x = int(params["TILEMATRIX"]), int(params["TILEROW"]), int(params["TILECOL"])
     except ValueError:
         return exception_report(400, "InvalidParameterValue", "TILEMATRIX, TILEROW and TILECOL must be integers")
+    request[RECORD].key = f"{z}/{x}/{y}"
     knobs = service.knobs
     if not knobs.min_zoom <= z <= knobs.max_zoom:
         return exception_report(
@@ -158,7 +160,7 @@ async def wmts(request: web.Request) -> web.StreamResponse:
             return exception_report(400, "TileOutOfRange", f"{name} {value} out of range [0, {(1 << z) - 1}]", name)
     if not tile_exists(service, z, x, y):
         return exception_report(404, "TileOutOfRange", f"No data found for tile {z}/{y}/{x}", "TILEROW")
-    fault = service.pick(f"{z}/{x}/{y}")
+    fault = service.pick(f"{z}/{x}/{y}", request[RECORD])
     response = await common_fault(request, service, fault, ign_error)
     if response is not None:
         return response

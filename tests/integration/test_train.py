@@ -1,7 +1,8 @@
 """``trainer train`` / ``evaluate`` on samples inserted in a real migrated database, with a tiny U-Net.
 
 Covers: checkpoints written; a resumed run continues at the right step with the same data order (identical losses
-and parameters to an uninterrupted run); NaN detection exits non-zero with a clear message and leaves the last good
+and parameters to an uninterrupted run); a ``trainer train`` killed with SIGKILL resumes to the end; corrupt rows are
+skipped, counted and logged; NaN detection exits non-zero with a clear message and leaves the last good
 checkpoint; ``evaluate --json`` counts every sample of a split whose size the batch size does not divide; the
 2-device data-parallel path (in a subprocess, since XLA_FLAGS must be set before jax is imported).
 """
@@ -220,6 +221,95 @@ def test_resume_continues_at_the_right_step_with_the_same_data_order(trained, tm
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     # nothing left to do: a third run returns at once
     assert train_and_evaluate(config, tmp_path)["step"] == 4
+
+
+def test_sigkilled_run_resumes_from_its_checkpoint_to_the_end(trained, tmp_path):
+    """Issue 4: ``trainer train`` killed (SIGKILL: no handler runs) right after its first checkpoint; the same
+    command resumes from the last complete checkpoint and ends at the right step, metrics.jsonl without gap or
+    duplicate."""
+    import signal
+    import time
+
+    workdir, total = tmp_path / "run", 24
+    args = ["train", "--workdir", str(workdir), "--steps", str(total), "--batch-size", "4", *TINY,
+            "--eval-every", str(total), "--checkpoint-every", "2", "--decode-workers", "1"]
+    env = {**os.environ, "DATABASE_URL": trained["url"]}  # the session's compilation cache: the 2nd run reuses it
+    with open(tmp_path / "first.err", "w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO_ROOT, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 240
+            while not _latest_steps(workdir) and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.kill()
+            process.wait(30)
+    assert process.returncode == -signal.SIGKILL, (tmp_path / "first.err").read_text()[-3000:]
+    killed_at = max(_latest_steps(workdir))
+    assert 2 <= killed_at < total
+
+    resumed = run_trainer(*args, database_url=trained["url"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {killed_at} " in resumed.stderr
+    assert max(_latest_steps(workdir)) == total
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert train_steps == list(range(2, total + 1, 2))  # logged at every checkpoint: continuous, each once
+    assert [r["step"] for r in records if r["kind"] == "val"] == [total]
+    assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+    assert int(_restore_latest_params(workdir).step) == total
+
+
+async def _corrupt_one_image(url: str, split: str) -> int:
+    """Truncate the stored JPEG of the second sample of ``split`` (format still 'jpeg'); return its sample_id."""
+    conn = await asyncpg.connect(url)
+    try:
+        sample_id, image = await conn.fetchrow("SELECT sample_id, image FROM samples WHERE split = $1"
+                                               " ORDER BY sample_id LIMIT 1 OFFSET 1", split)
+        await conn.execute("UPDATE samples SET image = $1 WHERE sample_id = $2", image[:300], sample_id)
+        return sample_id
+    finally:
+        await conn.close()
+
+
+def _skip_messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping sample ")]
+
+
+def test_a_corrupt_train_row_is_skipped_counted_and_logged_and_training_completes(migrated_database_url, tmp_path,
+                                                                                 caplog):
+    """Issue 4: a train row whose image does not decode, among good ones, is skipped with a warning naming its
+    ``sample_id`` (once per epoch that reaches it) and training completes (the in-process compiled step of
+    ``trained`` is reused when it ran first: same model and schedule)."""
+    from trainer.train import train_and_evaluate
+
+    url = migrated_database_url
+    insert_synthetic_world(url, {"train": 9, "val": 3}, seed=4)  # 9 rows: 2 batches of 4 even without the bad one
+    bad = asyncio.run(_corrupt_one_image(url, "train"))
+    caplog.set_level("WARNING", logger="trainer")
+    summary = train_and_evaluate(tiny_config(url), tmp_path)
+    assert summary["step"] == 4 and _latest_steps(tmp_path) == [2, 4]
+    skips = _skip_messages(caplog)
+    assert skips and all(m.startswith(f"skipping sample {bad}: jpeg") for m in skips), skips  # once per epoch
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+    assert [r["samples"] for r in records if r["kind"] == "val"] == [3, 3]
+
+
+def test_a_corrupt_val_row_is_skipped_at_every_validation(migrated_database_url, tmp_path, caplog):
+    from trainer.train import train_and_evaluate
+
+    url = migrated_database_url
+    insert_synthetic_world(url, {"train": 8, "val": 3}, seed=4)
+    bad = asyncio.run(_corrupt_one_image(url, "val"))
+    caplog.set_level("WARNING", logger="trainer")
+    summary = train_and_evaluate(tiny_config(url), tmp_path)
+    assert summary["step"] == 4
+    assert [m.split()[2] for m in _skip_messages(caplog)] == [f"{bad}:"] * 2
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["samples"] for r in records if r["kind"] == "val"] == [2, 2]  # 3 rows, the corrupt one not counted
 
 
 def jax_leaves(tree):
