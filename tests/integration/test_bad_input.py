@@ -608,7 +608,7 @@ def test_decompression_bombs_and_oversized_tiles_are_refused(migrated_database_u
                "HARVESTER_ZOOMS": "17", "HARVESTER_TILE_PROVIDER": "xyz",
                "HARVESTER_TILE_URL": f"http://127.0.0.1:{tiles.port}/xyz/{{z}}/{{x}}/{{y}}.png",
                "HARVESTER_TILE_RATE": "200", "HARVESTER_OVERPASS_RATE": "200", "HARVESTER_BACKOFF_BASE": "0.02",
-               "HARVESTER_MAX_ATTEMPTS": "2", "HARVESTER_REQUEST_TIMEOUT": "10"}
+               "HARVESTER_MAX_ATTEMPTS": "2", "HARVESTER_REQUEST_TIMEOUT": "30"}
         out, err = tmp_path / "run.out", tmp_path / "run.err"
         with open(out, "wb") as stdout, open(err, "wb") as stderr:
             proc = start(["run"], env, stdout=stdout, stderr=stderr)
