@@ -172,7 +172,11 @@ class Worker:
                 footprints = await self._footprints(area)
             except UpstreamError as exc:
                 log.warning("area %s/%s/%s: %s", area.tile.z, area.tile.x, area.tile.y, exc)
-                await asyncio.gather(*(self._fail(job, exc, pending) for job in area.jobs))
+                # One retry time for the whole area: jobs due one by one would be claimed, and would each ask
+                # Overpass, one by one.
+                delay = backoff_delay(max(job.attempts for job in area.jobs), self.settings.backoff_base,
+                                      exc.retry_after)
+                await asyncio.gather(*(self._fail(job, exc, pending, delay) for job in area.jobs))
                 return
             results = await asyncio.gather(*(self._process_job(job, footprints, pending) for job in area.jobs),
                                            return_exceptions=True)
@@ -228,8 +232,9 @@ class Worker:
         else:
             self.progress.stored += 1
 
-    async def _fail(self, job: ClaimedJob, exc: UpstreamError, pending: dict) -> None:
-        delay = backoff_delay(job.attempts, self.settings.backoff_base, exc.retry_after)
+    async def _fail(self, job: ClaimedJob, exc: UpstreamError, pending: dict, delay: float | None = None) -> None:
+        if delay is None:
+            delay = backoff_delay(job.attempts, self.settings.backoff_base, exc.retry_after)
         async with self.pool.acquire() as conn:
             await conn.execute(self._sql["fail_attempt"], job.job_id, self.worker_id, self.settings.max_attempts,
                                str(exc)[:1000], delay)
