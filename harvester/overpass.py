@@ -116,7 +116,8 @@ class OverpassClient:
                 return
             waited = 0.0
             while True:
-                resp = await self.upstream.request(session, "GET", self.status_url, what="status")
+                resp = await self.upstream.request(session, "GET", self.status_url, what="status",
+                                                   before_send=self._respect_pause)
                 text = resp.body.decode("utf-8", "replace") if resp.status == 200 else ""
                 wait = seconds_until_slot(text)
                 if wait is None:
