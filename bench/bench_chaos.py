@@ -30,7 +30,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
@@ -168,11 +167,11 @@ def soak(fakes: Fakes, points_csv: Path, jobs: int, workers: int, deadline_s: fl
                        check=True)
         fakes.restore()  # empty request logs, fresh fault draws
         start = time.monotonic()
-        procs = []
+        procs, logs = [], []
         for i in range(workers):
-            log = open(logdir / f"worker-{jobs}-{i}.log", "w")
+            logs.append(open(logdir / f"worker-{jobs}-{i}.log", "w"))  # noqa: SIM115 - closed below
             procs.append(subprocess.Popen([sys.executable, "-m", "harvester", "--log-level", "WARNING", "run"],
-                                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+                                          cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
         peak = {p.pid: 0 for p in procs}
         timeline: dict[int, list[tuple[float, int]]] = {p.pid: [] for p in procs}  # (s since start, VmRSS KiB)
         exited: dict[int, float] = {}
@@ -194,6 +193,8 @@ def soak(fakes: Fakes, points_csv: Path, jobs: int, workers: int, deadline_s: fl
                     if p.poll() is None:
                         p.terminate()  # SIGTERM: the jobs in flight are released; the report says it
             time.sleep(0.1)
+        for log in logs:
+            log.close()
         wall = max(exited.values())
         codes = [p.returncode for p in procs]
         result = {"jobs_planned": jobs, "workers": workers, "wall_s": wall, "exit_codes": codes,
@@ -245,7 +246,7 @@ async def _verify(url: str, fakes: Fakes, partial: bool) -> dict:
 
     timeout_s = max(1, int(2 * 0.8))
     sound_areas, asked_again = set(), 0
-    for (az, ax, ay), area_jobs in _by_area(jobs).items():
+    for az, ax, ay in _by_area(jobs):
         sent = sorted(queries.get(building_query(lonlat_bounds(Tile(ax, ay, az)), timeout_s, 256 * 1024 * 1024),
                               []), key=lambda r: r["t"])
         accepted = [r for r in sent if r["status"] == 200 and r["fault"] in ACCEPTED_OVERPASS]

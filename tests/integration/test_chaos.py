@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -143,6 +145,12 @@ class Run:
     buildings: dict[int, list[dict]]
     requests: dict[str, list[RequestRecord]]
     query_of: dict[int, str] = field(default_factory=dict)  # area_id -> its Overpass query text
+    warnings: list[str] = field(default_factory=list)  # the harvester's WARNING lines
+
+    def overpass_timed_out(self, area: dict) -> bool:
+        """The client gave up on a query of this area (its timeout): the fake may still have logged a 200 for it."""
+        where = f"area {area['zoom']}/{area['tile_x']}/{area['tile_y']}:"
+        return any(w.startswith(where) and "no complete answer within" in w for w in self.warnings)
 
     def tile_requests(self, kind: str) -> dict[str, list[RequestRecord]]:
         """Requests per "z/x/y" key (Google's createSession excluded), in arrival order."""
@@ -188,12 +196,20 @@ def harvest_run(url: str, up: FakeUpstreams, tmp_path, points, *, provider: str 
             if side is not None:
                 side.cancel()
 
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("harvester").addHandler(handler)
     start = time.monotonic()
-    final = asyncio.run(go())
+    try:
+        final = asyncio.run(go())
+    finally:
+        logging.getLogger("harvester").removeHandler(handler)
     elapsed = time.monotonic() - start
     states = asyncio.run(check_database(url, None, max_attempts=settings.max_attempts))
     run = Run(settings, final, states, elapsed, *asyncio.run(_contents(url)),
               requests={kind: up.requests(kind) for kind in ("xyz", "ign", "google", "overpass")})
+    run.warnings = warnings
     run.query_of = {a: building_query(lonlat_bounds(Tile(r["tile_x"], r["tile_y"], r["zoom"])),
                                       settings.overpass_query_timeout, QUERY_MAXSIZE) for a, r in run.areas.items()}
     return run
@@ -240,18 +256,19 @@ def check_run(run: Run, up: FakeUpstreams, world: World, *, provider: str = "xyz
 
     tile_requests = run.tile_requests(provider)
     # Areas whose first Overpass answer was accepted: none of their attempts failed before the tile request.
-    sound_areas = {a for a, q in run.queries().items() if q[0].status == 200 and q[0].fault in ACCEPTED_OVERPASS}
+    sound_areas = {a for a, q in run.queries().items() if len(q) == 1 and q[0].status == 200
+                   and q[0].fault in ACCEPTED_OVERPASS}
     sessions_failed = any(r.key == "createSession" and r.status != 200 for r in run.requests["google"])
     for job in run.jobs:
         key = f"{job['zoom']}/{job['tile_x']}/{job['tile_y']}"
         sent = tile_requests.get(key, [])
         # Every attempt is one request for the tile, never two: a retry passes the limiter and counts an attempt.
         # (An attempt that failed before its tile request, at Overpass or at Google's createSession, sends none.)
-        what = f"tile {key}: {len(sent)} requests {[r.fault or r.status for r in sent]} for {job['attempts']} attempts"
-        if job["area_id"] in sound_areas and not sessions_failed:
+        what = (f"tile {key}: {len(sent)} requests {[r.fault or r.status for r in sent]} for {job['attempts']} "
+                f"attempts (last error: {job['last_error']})")
+        assert len(sent) <= job["attempts"], what
+        if job["area_id"] in sound_areas and not sessions_failed and not _timed_out(job):
             assert len(sent) == job["attempts"], what
-        else:
-            assert len(sent) <= job["attempts"], what
         assert job["last_error"] is None or not job["last_error"].startswith("internal error"), job["last_error"]
         if job["state"] == "done":
             sample = run.samples[job["job_id"]]
@@ -271,6 +288,11 @@ def check_run(run: Run, up: FakeUpstreams, world: World, *, provider: str = "xyz
     return {s: totals[s] for s in ("done", "skipped", "failed")}
 
 
+def _timed_out(job: dict) -> bool:
+    """A job whose last attempt ran out of time: on a loaded machine its request may never have reached the fake."""
+    return "no complete answer within" in (job["last_error"] or "")
+
+
 def _check_areas(run: Run, world: World) -> None:
     """Each area holds exactly the footprints of its first accepted Overpass answer; sound answers match the world."""
     queries = run.queries()
@@ -283,11 +305,13 @@ def _check_areas(run: Run, world: World) -> None:
         # Queries are sent only for claims, each of which counted an attempt of at least one job of the area.
         assert len(sent) <= sum(j["attempts"] for j in jobs_of[area_id]), (area_id, len(sent))
         if area["fetched_at"] is None:
-            assert not accepted, f"area {area_id}: a sound answer was received but not stored"
+            assert not accepted or run.overpass_timed_out(area), f"area {area_id}: a sound answer was not stored"
             assert not run.buildings.get(area_id)
             assert all(j["state"] == "failed" for j in jobs_of[area_id])
             continue
         assert accepted, f"area {area_id}: footprints stored without a sound answer ({[r.fault for r in sent]})"
+        if run.overpass_timed_out(area):  # a loaded machine: the client may have given up on a sound answer
+            accepted = accepted[-1:]
         assert sent[-1] is accepted[0], \
             f"area {area_id}: queried again after a sound answer: {[r.fault or r.status for r in sent]}"
         fault = accepted[0].fault
@@ -323,7 +347,7 @@ def _check_limits(run: Run, up: FakeUpstreams, provider: str) -> None:
     assert up.max_concurrency("overpass") <= s.overpass_concurrency, "Overpass concurrency exceeded"
     # Retry-After: the next request for the same tile comes no sooner than it asked.
     for key, sent in run.tile_requests(provider).items():
-        for before, after in zip(sent, sent[1:]):
+        for before, after in itertools.pairwise(sent):
             if before.status == 429 and before.fault == "rate_limited":
                 assert after.t - before.t >= RETRY_AFTER_S - EPS, f"tile {key}: Retry-After not honoured"
     # After a 429 (or 504) from Overpass, nothing is sent for the pause; requests already on the wire are excused.
