@@ -1,21 +1,27 @@
 """One bounded upstream: a rate limit over any one-second window, a cap on requests in flight, a timeout on every
 request, and a cap on the body size. Every request to that upstream (first tries and retries alike) passes here.
 
-The rate is held with an ``aiolimiter.AsyncLimiter`` of capacity 1 refilled every ``SPACING_MARGIN / rate`` s: a leaky
-bucket with no burst allowance (a bucket of capacity ``rate`` would let ``2 * rate`` through in the first second). The
-3 % margin on the spacing is what keeps the limit true where the upstream measures it: between the limiter's grant and
-the request reaching the server, scheduling delays of a busy event loop shift starts by milliseconds; spaced exactly
-``1/rate`` apart, any such shift would put ``rate + 1`` starts in some one-second window, while 3 % absorbs shifts of
-up to about 30 ms and still sends 97 % of the allowed rate.
+The rate is held in two stages:
+
+1. an ``aiolimiter.AsyncLimiter`` of capacity 1 refilled every ``1 / rate`` s spaces the requests evenly (a bucket of
+   capacity ``rate`` would let ``2 * rate`` through in the first second);
+2. a :class:`SendWindow` then lets at most ``rate`` requests onto the wire in any ``SPACING_MARGIN`` (1.03) s,
+   counting each request from the moment its headers were written to the socket (an aiohttp trace hook). Spacing
+   alone is kept at the grant, and a busy event loop or a slow connect shifts the moment a request leaves by
+   milliseconds, which bunches starts past the limit where the upstream counts them. Counted at the socket, no shift
+   on our side can; the 3 % margin absorbs differences of up to 30 ms in the network's and the server's delays.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import logging
+import math
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Awaitable, Callable
 
 import aiohttp
@@ -57,6 +63,68 @@ def parse_retry_after(value: str | None) -> float | None:
 SPACING_MARGIN = 1.03
 
 
+class SendWindow:
+    """At most ``count`` requests sent in any ``window`` seconds, where a request counts from the moment it left.
+
+    A request is *reserved* by :meth:`reserve` (counted as sent now, until it is) and *stamped* by :meth:`sent` when
+    its headers were written, or by :meth:`release` when it ends (a request that never left counts from then: a
+    stamp late by any amount only delays later requests, never lets one through early).
+    """
+
+    def __init__(self, count: int, window: float):
+        self.count, self.window = count, window
+        self._stamps: collections.deque[float] = collections.deque()  # ascending send times (loop clock)
+        self._reserved = 0
+        self._lock = asyncio.Lock()  # FIFO among waiters
+        self._stamped = asyncio.Event()
+
+    @classmethod
+    def for_rate(cls, rate: float) -> SendWindow:
+        """``rate`` per second over any 1 s (whole requests: 2.5/s allows 2 in any 1 s); below 1/s, one per ``1/rate``
+        s. Both with the safety margin."""
+        count = max(1, math.floor(rate + 1e-9))
+        return cls(count, max(1.0, count / rate) * SPACING_MARGIN)
+
+    async def reserve(self) -> SimpleNamespace:
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            while True:
+                now = loop.time()
+                while self._stamps and self._stamps[0] <= now - self.window:
+                    self._stamps.popleft()
+                if self._reserved + len(self._stamps) < self.count:
+                    self._reserved += 1
+                    return SimpleNamespace(window=self, at=None)
+                if self._stamps:  # the oldest send leaves the window then
+                    await asyncio.sleep(self._stamps[0] + self.window - now)
+                else:  # all counted requests are still on their way out: wait until one leaves
+                    self._stamped.clear()
+                    await self._stamped.wait()
+
+    def sent(self, ticket: SimpleNamespace) -> None:
+        if ticket.at is None:
+            ticket.at = asyncio.get_running_loop().time()
+            self._reserved -= 1
+            self._stamps.append(ticket.at)
+            self._stamped.set()
+
+    release = sent
+
+
+async def _on_headers_sent(session, context, params) -> None:
+    ticket = context.trace_request_ctx
+    if isinstance(ticket, SimpleNamespace) and isinstance(getattr(ticket, "window", None), SendWindow):
+        ticket.window.sent(ticket)
+
+
+def send_time_trace() -> aiohttp.TraceConfig:
+    """The trace that stamps each request's send time for :class:`SendWindow` (install it on the session; without
+    it a request counts from its end, which is safe but slower)."""
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(_on_headers_sent)
+    return trace
+
+
 class Upstream:
     """Limits shared by every request to one upstream service (tile server, Overpass)."""
 
@@ -64,7 +132,8 @@ class Upstream:
         self.name = name
         self.timeout = timeout
         self.max_bytes = max_bytes
-        self._limiter = AsyncLimiter(1, SPACING_MARGIN / rate)
+        self._limiter = AsyncLimiter(1, 1 / rate)
+        self._window = SendWindow.for_rate(rate)
         self._slots = asyncio.Semaphore(concurrency)
         self.requests_sent = 0
 
@@ -84,19 +153,22 @@ class Upstream:
         bodies raise :class:`UpstreamError` whose message names ``what`` (never the URL: it may hold a key)."""
         async with self._slots:
             await self._limiter.acquire()
-            if before_send is not None:  # e.g. a pause the upstream imposed while this request was queued
-                await before_send()
-            self.requests_sent += 1
+            ticket = await self._window.reserve()
             try:
+                if before_send is not None:  # e.g. a pause the upstream imposed while this request was queued
+                    await before_send()
+                self.requests_sent += 1
                 async with asyncio.timeout(self.timeout):
                     async with session.request(method, url, params=params, data=data, json=json,
-                                               allow_redirects=True) as resp:
+                                               allow_redirects=True, trace_request_ctx=ticket) as resp:
                         body = await self._read_capped(resp, what)
                         return Response(resp.status, {k.lower(): v for k, v in resp.headers.items()}, body)
             except TimeoutError:
                 raise UpstreamError(f"{self.name}: {what}: no complete answer within {self.timeout:g} s") from None
             except aiohttp.ClientError as exc:
                 raise UpstreamError(f"{self.name}: {what}: {type(exc).__name__}: {_safe(exc)}") from None
+            finally:
+                self._window.release(ticket)
 
     async def _read_capped(self, resp: aiohttp.ClientResponse, what: str) -> bytes:
         declared = resp.content_length

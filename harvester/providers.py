@@ -23,7 +23,7 @@ import aiohttp
 
 from .config import Settings
 from .errors import TileUnavailable, UpstreamError
-from .http import Response, Upstream, http_error
+from .http import Response, Upstream, http_error, send_time_trace
 from .tiles import Tile
 
 MAX_TILE_BYTES = 4 * 1024 * 1024
@@ -159,7 +159,7 @@ def client_session(settings: Settings) -> aiohttp.ClientSession:
     """The one HTTP session of a process: the configured User-Agent on every request, no cookie sharing surprises."""
     connector = aiohttp.TCPConnector(limit=settings.tile_concurrency + settings.overpass_concurrency + 4)
     session = aiohttp.ClientSession(headers={"User-Agent": settings.user_agent}, connector=connector,
-                                    cookie_jar=aiohttp.DummyCookieJar())
+                                    cookie_jar=aiohttp.DummyCookieJar(), trace_configs=[send_time_trace()])
     # aiohttp silently re-sends an idempotent request once when a kept-alive connection is reset: that request would
     # bypass our rate limiter and make an attempt cost two requests. No public switch exists (aiohttp 3.9-3.14), so
     # the private flag is turned off here; tests/integration/test_chaos.py counts exactly one request per attempt.

@@ -172,11 +172,9 @@ class Worker:
                 footprints = await self._footprints(area)
             except UpstreamError as exc:
                 log.warning("area %s/%s/%s: %s", area.tile.z, area.tile.x, area.tile.y, exc)
-                # One retry time for the whole area: jobs due one by one would be claimed, and would each ask
-                # Overpass, one by one.
-                delay = backoff_delay(max(job.attempts for job in area.jobs), self.settings.backoff_base,
-                                      exc.retry_after)
-                await asyncio.gather(*(self._fail(job, exc, pending, delay) for job in area.jobs))
+                # One retry time for the whole area, set in one statement: jobs due one by one would be claimed,
+                # and would each ask Overpass, one by one.
+                await self._fail(area.jobs, exc, pending)
                 return
             results = await asyncio.gather(*(self._process_job(job, footprints, pending) for job in area.jobs),
                                            return_exceptions=True)
@@ -213,10 +211,10 @@ class Worker:
             await self._outcome(job, pending, "skip_job", str(exc))
             self.progress.skipped += 1
         except UpstreamError as exc:
-            await self._fail(job, exc, pending)
+            await self._fail([job], exc, pending)
         except Exception as exc:  # a bug or a library error on odd input: fail this attempt, keep the cause
             log.exception("job %d tile %s/%s/%s: unexpected error", job.job_id, job.tile.z, job.tile.x, job.tile.y)
-            await self._fail(job, UpstreamError(f"internal error: {type(exc).__name__}: {exc}"), pending)
+            await self._fail([job], UpstreamError(f"internal error: {type(exc).__name__}: {exc}"), pending)
         else:
             await self._store(job, sample, pending)
 
@@ -232,16 +230,18 @@ class Worker:
         else:
             self.progress.stored += 1
 
-    async def _fail(self, job: ClaimedJob, exc: UpstreamError, pending: dict, delay: float | None = None) -> None:
-        if delay is None:
-            delay = backoff_delay(job.attempts, self.settings.backoff_base, exc.retry_after)
+    async def _fail(self, jobs: list[ClaimedJob], exc: UpstreamError, pending: dict) -> None:
+        """A failed attempt of these jobs, in one statement: back to the queue after one backoff delay, or failed
+        when their attempts are spent."""
+        delay = backoff_delay(max(job.attempts for job in jobs), self.settings.backoff_base, exc.retry_after)
         async with self.pool.acquire() as conn:
-            await conn.execute(self._sql["fail_attempt"], job.job_id, self.worker_id, self.settings.max_attempts,
-                               str(exc)[:1000], delay)
-        pending.pop(job.job_id, None)
-        self.progress.failed_attempts += 1
-        log.info("job %d tile %s/%s/%s attempt %d failed: %s", job.job_id, job.tile.z, job.tile.x, job.tile.y,
-                 job.attempts, exc)
+            await conn.execute(self._sql["fail_attempt"], [job.job_id for job in jobs], self.worker_id,
+                               self.settings.max_attempts, str(exc)[:1000], delay)
+        for job in jobs:
+            pending.pop(job.job_id, None)
+            self.progress.failed_attempts += 1
+            log.info("job %d tile %s/%s/%s attempt %d failed: %s", job.job_id, job.tile.z, job.tile.x, job.tile.y,
+                     job.attempts, exc)
 
     async def _outcome(self, job: ClaimedJob, pending: dict, query: str, reason: str) -> None:
         async with self.pool.acquire() as conn:

@@ -62,11 +62,13 @@ SET state = (CASE WHEN attempts >= $1 THEN 'failed' ELSE 'pending' END)::job_sta
 WHERE state = 'in_progress' AND lease_expires_at < now();
 
 -- name: fail_attempt
+-- One statement for all the jobs given (an area's, when its Overpass query failed): one now(), so they come due
+-- together and the next claim takes them all, with one query.
 UPDATE jobs
 SET state = (CASE WHEN attempts >= $3 THEN 'failed' ELSE 'pending' END)::job_state,
     last_error = $4, not_before = now() + make_interval(secs => $5),
     worker = NULL, lease_expires_at = NULL, updated_at = now()
-WHERE job_id = $1 AND worker = $2 AND state = 'in_progress';
+WHERE job_id = ANY($1::bigint[]) AND worker = $2 AND state = 'in_progress';
 
 -- name: skip_job
 UPDATE jobs SET state = 'skipped', last_error = $3, worker = NULL, lease_expires_at = NULL, updated_at = now()

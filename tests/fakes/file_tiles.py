@@ -23,6 +23,8 @@ from typing import Self
 
 from aiohttp import web
 
+from .threaded import AppThread
+
 TILE_NAME = re.compile(r"^OAM-(\d+)-(\d+)-(\d+)\.png$")
 
 
@@ -70,11 +72,7 @@ class FileTileServer:
         self._bodies = {key: path.read_bytes() for key, path in self.paths.items()}
         self._log: list[FileTileRequest] = []
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self._server: AppThread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------------------
 
@@ -86,40 +84,15 @@ class FileTileServer:
         self.stop()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="file-tiles", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("file tile server did not start within 30 s")
-        if self._error is not None:
-            raise RuntimeError(f"file tile server failed to start: {self._error}") from self._error
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # reported to start()
-            self._error = exc
-            self._ready.set()
-
-    async def _serve(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         app = web.Application()
         app.router.add_get("/tiles/{z}/{x}/{y}", self._tile)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]
-            self._ready.set()
-            await self._stop.wait()
-        finally:
-            await runner.cleanup()
+        self._server = AppThread(app, host=self.host, port=self.port, name="file-tiles")
+        self._server.start()
+        self.port = self._server.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
 
     # -- serving -----------------------------------------------------------------------------------------------------
 

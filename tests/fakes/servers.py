@@ -1,4 +1,4 @@
-"""All fake upstreams on 127.0.0.1, one port each, served by one event loop in a background thread.
+"""All fake upstreams on 127.0.0.1, one port each, each served by its own event loop in its own thread.
 
     with FakeUpstreams(World(seed=1), latency_s=0.0, faults={"xyz": {"unavailable": 0.1}}) as up:
         ... up.xyz_url, up.ign_url, up.google_url, up.overpass_url, up.google_key ...
@@ -13,10 +13,8 @@ answers ``GET /_fakes/stats`` (counts per server), ``GET /_fakes/requests?kind=K
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
-import threading
 
 from aiohttp import web
 
@@ -25,6 +23,7 @@ from .google import SESSIONS, google_app
 from .osm import tile_bounds
 from .overpass import SLOTS, overpass_app
 from .ql import element_json
+from .threaded import AppThread
 from .tiles import ign_app, xyz_app
 from .world import World, tile_for
 
@@ -59,11 +58,7 @@ class FakeUpstreams:
         self._initial = {kind: (svc.knobs, dict(svc.faults)) for kind, svc in self.services.items()}
         self.ports: dict[str, int] = {}
         self._apps: dict[str, web.Application] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self._threads: list[AppThread] = []
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -75,48 +70,25 @@ class FakeUpstreams:
         self.stop()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="fake-upstreams", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("fake upstreams did not start within 30 s")
-        if self._error is not None:
-            raise RuntimeError(f"fake upstreams failed to start: {self._error}") from self._error
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self.serve())
-        except BaseException as exc:  # reported to start(); the thread has no one else to tell
-            self._error = exc
-            self._ready.set()
-
-    async def serve(self, started=None) -> None:
-        """Serve until ``stop()``; ``started()`` is called once the ports listen (for the standalone runner)."""
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        runners = []
+        """Each server on its own port, event loop and thread (see ``threaded``); returns once all listen."""
         try:
             for i, kind in enumerate(ORDER):
                 app = APPS[kind](self.services[kind], self.world)
                 app.add_routes(self._control_routes())
                 self._apps[kind] = app
-                runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
-                await runner.setup()
-                runners.append(runner)
-                site = web.TCPSite(runner, self.host, self.port + i if self.port else 0, reuse_address=True)
-                await site.start()
-                self.ports[kind] = site._server.sockets[0].getsockname()[1]
-            self._ready.set()
-            if started is not None:
-                started()
-            await self._stop.wait()
-        finally:
-            for runner in runners:
-                await runner.cleanup()
+                server = AppThread(app, host=self.host, port=self.port + i if self.port else 0, name=f"fake-{kind}",
+                                   handler_cancellation=True)
+                server.start()
+                self._threads.append(server)
+                self.ports[kind] = server.port
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for server in self._threads:
+            server.stop()
+        self._threads.clear()
 
     # -- URLs ------------------------------------------------------------------------------------------------------
 

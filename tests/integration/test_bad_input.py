@@ -27,7 +27,6 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
 
 import asyncpg
 import pytest
@@ -36,6 +35,7 @@ from PIL import Image
 
 from tests.conftest import ADMIN_URL, database_url
 from tests.fakes.servers import FakeUpstreams
+from tests.fakes.threaded import AppThread
 from tests.fakes.world import World
 
 from .harvest_checks import check_database
@@ -495,44 +495,19 @@ def test_google_key_appears_nowhere(migrated_database_url, tmp_path, how):
     assert "HTTP 403" in run_output or "HTTP 401" in run_output  # the errors were logged, without the key
 
 
-class TileServer:
-    """A tiny XYZ tile server in a thread; ``body_for(z, x, y)`` picks each tile's answer."""
+class TileServer(AppThread):
+    """A tiny XYZ tile server in a thread; ``handler(request)`` answers every request."""
 
     def __init__(self, handler):
         self.handler = handler
-        self.port = 0
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
         self.requests: list[str] = []
-
-    async def _serve(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self._answer)
+        super().__init__(app, name="hostile-tiles")
 
-        async def tile(request: web.Request) -> web.StreamResponse:
-            self.requests.append(request.path)
-            return await self.handler(request)
-
-        app.router.add_route("*", "/{path:.*}", tile)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
-        self._ready.set()
-        await self._stop.wait()
-        await runner.cleanup()
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(request.path)
+        return await self.handler(request)
 
 
 def test_google_key_not_echoed_from_an_upstream_error_page(migrated_database_url):
