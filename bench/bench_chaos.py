@@ -32,15 +32,14 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import asyncpg
 
 from harvester.tiles import tile_at
+from tests.databases import TempDatabase
 from tests.integration.harvest_checks import check_database
 
-ADMIN_URL = os.environ.get("TEST_DATABASE_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 ROOT = Path(__file__).resolve().parents[1]
 ZOOMS = (17, 18)
 MAX_ATTEMPTS = 5
@@ -125,14 +124,6 @@ class Fakes:
 # -- one soak ------------------------------------------------------------------------------------------------------
 
 
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 def _status_kib(pid: int, field: str) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as status:
@@ -153,10 +144,7 @@ def _at(samples: list[tuple[float, int]], end: float) -> list[float]:
 
 
 def soak(fakes: Fakes, points_csv: Path, jobs: int, workers: int, deadline_s: float, logdir: Path) -> dict:
-    name = f"tilesmith_chaos_{uuid.uuid4().hex[:10]}"
-    url = ADMIN_URL.rpartition("/")[0] + "/" + name
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    try:
+    with TempDatabase(prefix="tilesmith_chaos") as url:
         env = {**os.environ, **fakes.env, "DATABASE_URL": url, "HARVESTER_POINTS": str(points_csv),
                "HARVESTER_ZOOMS": ",".join(map(str, ZOOMS)), "HARVESTER_TILE_PROVIDER": "xyz",
                "HARVESTER_TILE_RATE": "100000", "HARVESTER_TILE_CONCURRENCY": "16",
@@ -204,8 +192,6 @@ def soak(fakes: Fakes, points_csv: Path, jobs: int, workers: int, deadline_s: fl
         result.update(asyncio.run(_verify(url, fakes, timed_out)))
         result["samples_per_s"] = result["done"] / wall
         return result
-    finally:
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def _verify(url: str, fakes: Fakes, partial: bool) -> dict:

@@ -18,44 +18,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
 import aiohttp
-import asyncpg
 import numpy as np
 
-from harvester import db
 from harvester.config import load_settings
 from harvester.run import harvest
 from harvester.sampling import PopulationSampler, parse_region
 from harvester.osm import building_query
 from harvester.tiles import area_tile, lonlat_bounds, tile_at
+from tests.databases import TempDatabase
 from tests.fakes.faults import max_in_window
 
-ADMIN_URL = os.environ.get("TEST_DATABASE_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 USER_AGENT = "tilesmith-bench/0.1 (+https://github.com/tilesmith/tilesmith)"
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-class TempDatabase:
-    def __init__(self):
-        self.name = f"tilesmith_bench_{uuid.uuid4().hex[:10]}"
-        self.url = ADMIN_URL.rpartition("/")[0] + "/" + self.name
-
-    async def __aenter__(self) -> str:
-        await _admin(f'CREATE DATABASE "{self.name}"')
-        await db.migrate(self.url)
-        return self.url
-
-    async def __aexit__(self, *exc) -> None:
-        await _admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
 def write_points(path: str, samples: int, seed: int) -> np.ndarray:
@@ -113,7 +88,7 @@ async def end_to_end(samples: int, concurrency: int, workdir: str) -> dict[str, 
     try:
         await warm_overpass(fake_env["HARVESTER_OVERPASS_URL"], points, (17, 18))
         baseline = await raw_tile_rate(fake_env["HARVESTER_TILE_URL"], points, concurrency)
-        async with TempDatabase() as url:
+        async with TempDatabase(prefix="tilesmith_bench", migrate=True) as url:
             settings = load_settings({
                 **fake_env, "DATABASE_URL": url, "HARVESTER_POINTS": points_csv, "HARVESTER_ZOOMS": "17,18",
                 "HARVESTER_TILE_PROVIDER": "xyz", "HARVESTER_TILE_RATE": "100000",
@@ -136,7 +111,7 @@ async def rate_held(limit: float, samples: int, workdir: str) -> dict[str, float
     write_points(points_csv, samples, seed=2)
     proc, fake_env = start_fakes("--latency", "0.1", "--prewarm", points_csv)
     try:
-        async with TempDatabase() as url:
+        async with TempDatabase(prefix="tilesmith_bench", migrate=True) as url:
             settings = load_settings({
                 **fake_env, "DATABASE_URL": url, "HARVESTER_POINTS": points_csv, "HARVESTER_ZOOMS": "17,18",
                 "HARVESTER_TILE_PROVIDER": "xyz", "HARVESTER_TILE_RATE": str(limit),

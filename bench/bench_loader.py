@@ -23,7 +23,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +32,15 @@ import asyncpg
 import numpy as np
 from PIL import Image
 
+from tests.databases import ADMIN_URL, TempDatabase
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere; the project's modules are imported where used
     sys.path.insert(0, str(REPO_ROOT))
 
 log = logging.getLogger("bench.loader")
 
-DEFAULT_ADMIN_URL = os.environ.get("TEST_DATABASE_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+DEFAULT_ADMIN_URL = ADMIN_URL
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "dubai-aerial"
 SPLIT = "train"  # the bench database puts every sample in it, so one epoch reads them all
 
@@ -143,37 +144,21 @@ def _cpu_ticks(stat: Path) -> int:
 @contextlib.contextmanager
 def bench_database(admin_url: str, data: Path) -> Iterator[str]:
     """A temporary migrated database holding the dubai-aerial crops, all in split ``train``; dropped at exit."""
-    from harvester import db
     from trainer.datasets import load_dubai
 
-    name = f"tilesmith_bench_{uuid.uuid4().hex[:10]}"
-    base = admin_url.rpartition("/")[0]
-    url = f"{base}/{name}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(admin_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    async def all_in_one_split() -> None:
+    async def all_in_one_split(url: str) -> None:
         conn = await asyncpg.connect(url)
         try:
             await conn.execute("UPDATE samples SET split = $1", SPLIT)
         finally:
             await conn.close()
 
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        asyncio.run(db.migrate(url))
+    with TempDatabase(prefix="tilesmith_bench", migrate=True, admin_url=admin_url) as url:
         started = time.perf_counter()
         count = load_dubai(url, data)
         log.info("loaded %d dubai crops in %.1f s", count, time.perf_counter() - started)
-        asyncio.run(all_in_one_split())
+        asyncio.run(all_in_one_split(url))
         yield url
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def run_bench(database_url: str, samples: int) -> dict[str, Any]:

@@ -26,23 +26,22 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 
 from harvester.tiles import Tile, ancestor, lonlat_bounds
+from tests.databases import TempDatabase
 from tests.fakes.file_tiles import FileTileServer, scan_folder
 from tests.fakes.servers import FakeUpstreams
 from tests.fakes.world import World
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO_ROOT.parent / "shared" / "data" / "kampala-oam"
-ADMIN_URL = os.environ.get("TEST_DATABASE_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 PROVIDER = "xyz"
 
 #: Local upstreams: no reason to throttle (the limits are the harvester's courtesy to real servers).
@@ -204,14 +203,6 @@ async def apply_block_splits(database_url: str, provider: str = PROVIDER) -> dic
     return dict(sorted(Counter(chosen).items()))
 
 
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.harvest_kampala", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"kampala-oam folder (default {DEFAULT_ROOT})")
@@ -220,13 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resplit", action="store_true",
                         help="then split the samples by zoom-19 block (5 train, 1 val, 1 test) for train/evaluate")
     args = parser.parse_args(argv)
-    temp = None
-    url = args.database_url
-    if url is None:
-        temp = f"tilesmith_kampala_{uuid.uuid4().hex[:10]}"
-        asyncio.run(_admin(f'CREATE DATABASE "{temp}"'))
-        url = ADMIN_URL.rpartition("/")[0] + "/" + temp
-    try:
+    with ExitStack() as stack:
+        url = args.database_url or stack.enter_context(TempDatabase(prefix="tilesmith_kampala"))
         started = time.perf_counter()
         counts = harvest_kampala(url, args.root, cli=args.cli)
         seconds = time.perf_counter() - started
@@ -234,9 +220,6 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(apply_block_splits(url))
         print(json.dumps({"harvest": counts, "seconds": round(seconds, 2), "data": asyncio.run(summarize(url))},
                          indent=2))
-    finally:
-        if temp is not None:
-            asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{temp}" WITH (FORCE)'))
     return 0
 
 

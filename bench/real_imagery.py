@@ -30,38 +30,25 @@ from pathlib import Path
 
 import asyncpg
 
+from tests.databases import TempDatabase
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-ADMIN_URL = os.environ.get("TEST_DATABASE_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 DATABASES = {"dubai": "tilesmith_real_dubai", "kampala": "tilesmith_real_kampala"}
 PROVIDERS = {"dubai": "dubai", "kampala": "xyz"}
 TILE_PIXELS = 256 * 256
 
 
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 def fresh_database(name: str) -> str:
     """Drop ``name`` if it is there, create it empty and migrate it; return its URL."""
-    from harvester import db
-
-    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    url = f"{ADMIN_URL.rpartition('/')[0]}/{name}"
-    asyncio.run(db.migrate(url))
-    return url
+    return TempDatabase(name=name, migrate=True).__enter__()
 
 
 def drop_database(name: str) -> None:
-    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    TempDatabase(name=name).__exit__()
 
 
 def load(dataset: str, url: str, root: Path) -> dict:

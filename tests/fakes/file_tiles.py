@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
 
 from aiohttp import web
 
@@ -60,39 +59,21 @@ class FileTileRequest:
     t: float  # time.monotonic() at arrival
 
 
-class FileTileServer:
+class FileTileServer(AppThread):
     def __init__(self, root: str | Path, *, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the file tile server listens on the loopback interface only")
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"tile folder {self.root} not found")
-        self.host, self.port, self.latency_s = host, port, latency_s
+        self.latency_s = latency_s
         self.paths = scan_folder(self.root)
         self._bodies = {key: path.read_bytes() for key, path in self.paths.items()}
         self._log: list[FileTileRequest] = []
         self._lock = threading.Lock()
-        self._server: AppThread | None = None
-
-    # -- lifecycle ---------------------------------------------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def start(self) -> None:
         app = web.Application()
         app.router.add_get("/tiles/{z}/{x}/{y}", self._tile)
-        self._server = AppThread(app, host=self.host, port=self.port, name="file-tiles")
-        self._server.start()
-        self.port = self._server.port
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
+        super().__init__(app, host=host, port=port, name="file-tiles")
 
     # -- serving -----------------------------------------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from tests.conftest import ADMIN_URL, database_url
+from tests.databases import TempDatabase
 from tests.fakes.servers import FakeUpstreams
 from tests.fakes.threaded import AppThread
 from tests.fakes.world import World
@@ -193,20 +192,8 @@ def bad_settings_database(template_database):
     """One migrated database shared by every malformed-setting run (cloning one per run would cost more than the
     runs); each run gets its own HARVESTER_SEED, so rows written by a run that should have been refused are traced
     back to it."""
-    name = f"tilesmith_test_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(ADMIN_URL)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'))
-    try:
-        yield database_url(name)
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with TempDatabase(template=template_database) as url:
+        yield url
 
 
 def _valid_environ(url: str, seed: int) -> dict[str, str]:

@@ -8,7 +8,6 @@ import logging
 import threading
 import time
 import tracemalloc
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import pytest
 from PIL import Image
 
 from harvester.store import insert_external_sample
-from tests.conftest import ADMIN_URL, database_url
+from tests.databases import TempDatabase
 from trainer.data import Batch, SampleStream, prefetch_to_device
 from trainer.errors import DataError
 
@@ -102,26 +101,14 @@ async def _populate(url: str, count: int) -> Stored:
 @pytest.fixture(scope="module")
 def stored(template_database) -> Iterator[Stored]:
     """50 samples in one database shared by the tests that only read (a database per test costs seconds)."""
-    name = f"tilesmith_test_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'))
-    try:
-        yield asyncio.run(_populate(database_url(name), 50))
-    finally:
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with TempDatabase(template=template_database) as url:
+        yield asyncio.run(_populate(url, 50))
 
 
 @pytest.fixture
 def own_stored(migrated_database_url) -> Stored:
     """50 samples in a database of the test's own, for tests that change it."""
     return asyncio.run(_populate(migrated_database_url, 50))
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 def _ids(batches: list[Batch]) -> list[int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,18 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ADMIN_URL, SHARED_DATA, database_url
+from tests.conftest import SHARED_DATA
+from tests.databases import TempDatabase
 from trainer import datasets
 from trainer.data import SampleStream
 from trainer.decode import decode_image, decode_mask
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_URL)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 async def _fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
@@ -46,15 +38,10 @@ def shared_data_dir() -> Path:
 @pytest.fixture(scope="module")
 def loaded(template_database, shared_data_dir) -> Iterator[tuple[str, int, int]]:
     """One database with all of dubai-aerial and kampala-oam loaded (loading takes seconds: done once)."""
-    name = f"tilesmith_test_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'))
-    try:
-        url = database_url(name)
+    with TempDatabase(template=template_database) as url:
         dubai = datasets.load_dubai(url, shared_data_dir / "dubai-aerial")
         kampala = datasets.load_kampala(url, shared_data_dir / "kampala-oam")
         yield url, dubai, kampala
-    finally:
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def test_dubai_gives_every_full_crop_split_by_folder(loaded):

@@ -145,27 +145,14 @@ def tiny_config(database_url: str, **overrides):
 @pytest.fixture(scope="module")
 def trained(template_database, tmp_path_factory):
     """A database with a small synthetic world, and a work directory trained on it for 4 steps (run "A")."""
-    from tests.conftest import ADMIN_URL, database_url
+    from tests.databases import TempDatabase
     from trainer.train import train_and_evaluate
 
-    name = f"tilesmith_train_{os.getpid()}"
-
-    async def admin(sql):
-        conn = await asyncpg.connect(ADMIN_URL)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'))
-    try:
-        url = database_url(name)
+    with TempDatabase(prefix="tilesmith_train", template=template_database) as url:
         stats = insert_synthetic_world(url, SPLITS, seed=1)
         workdir = tmp_path_factory.mktemp("run_a")
         summary = train_and_evaluate(tiny_config(url), workdir)
         yield {"url": url, "workdir": workdir, "stats": stats, "summary": summary}
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(autouse=True)
