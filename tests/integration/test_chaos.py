@@ -41,7 +41,7 @@ from harvester.overpass import OverpassClient
 from harvester.rasterize import decode_mask_png
 from harvester.run import harvest
 from harvester.tiles import Tile, lonlat_bounds
-from tests.conftest import _admin, database_url
+from tests.databases import TempDatabase
 from tests.fakes.faults import FAULTS, RequestRecord, max_in_window
 from tests.fakes.overpass import _break_geometry, _drop_members
 from tests.fakes.ql import element_json, evaluate, parse
@@ -109,12 +109,8 @@ def up(fakes):
 @pytest.fixture(scope="module")
 def chaos_database(template_database):
     """One migrated database for the module, emptied before each test (cheaper than a database per test)."""
-    name = f"tilesmith_chaos_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'))
-    try:
-        yield database_url(name)
-    finally:
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with TempDatabase(prefix="tilesmith_chaos", template=template_database) as url:
+        yield url
 
 
 @pytest.fixture
