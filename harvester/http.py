@@ -68,7 +68,7 @@ class SendWindow:
     """At most ``count`` requests sent in any ``window`` seconds, where a request counts from the moment it left.
 
     A request is *reserved* by :meth:`reserve` (counted as sent now, until it is) and *stamped* by :meth:`sent` when
-    its headers were written, or by :meth:`release` when it ends (a request that never left counts from then: a
+    it was written to the socket, or by :meth:`release` when it ends (a request that never left counts from then: a
     stamp late by any amount only delays later requests, never lets one through early).
     """
 

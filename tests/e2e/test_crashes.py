@@ -117,6 +117,12 @@ def query(url: str, sql: str, *args):
     return asyncio.run(go())
 
 
+def other_sessions(url: str) -> list:
+    """Server sessions on this database other than the asking one (a dead client's live on until they notice)."""
+    return query(url, "SELECT pid, state, query FROM pg_stat_activity"
+                      " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+
 def job_states(url: str) -> dict[str, int]:
     return {r["state"]: r["n"] for r in query(url, "SELECT state::text, count(*) AS n FROM jobs GROUP BY 1")}
 
@@ -186,6 +192,9 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(migrated_database
             os.kill(run.pid, signal.SIGKILL)
             assert run.proc.wait(10) == -signal.SIGKILL
             dead_pids.append(run.pid)
+            # A statement the worker sent just before it died still runs to its end, and may commit (a whole sample,
+            # with its job done): let the dead worker's server sessions finish before reading what it held.
+            assert wait_until(lambda: not other_sessions(url), 10), other_sessions(url)
             held = query(url, "SELECT job_id, worker, lease_expires_at FROM jobs WHERE state = 'in_progress'")
             # Only dead workers hold jobs (this one, or an earlier one whose lease has not been noticed yet).
             assert all(int(r["worker"].split(":")[-2]) in dead_pids for r in held), held
