@@ -1,7 +1,7 @@
 """Train-step throughput of the U-Net: images/s at a given width and batch size on the current JAX backend, and the
 model FLOP utilisation (MFU) on GPU.
 
-Measures the real ``trainer.train`` step (augmentation, forward, backward, AdamW update; data parallel over every
+Measures the real ``trainer.steps`` train step (augmentation, forward, backward, AdamW update; data parallel over every
 local device) on a synthetic batch already on the device, so the input pipeline is out of the picture (see
 ``bench/bench_loader.py`` for that). FLOPs per step come from XLA's own count of the compiled program
 (``jax.jit(...).lower(...).compile().cost_analysis()``); MFU = achieved FLOP/s / peak FLOP/s of the devices, with the
@@ -36,7 +36,7 @@ from bench.bench_loader import (  # noqa: E402
 )
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.model import default_compute_dtype  # noqa: E402
-from trainer.train import StepSpec, batch_sharded, compiled_functions, make_mesh  # noqa: E402
+from trainer.steps import StepSpec, batch_sharded, compiled_functions, make_mesh  # noqa: E402
 
 # Dense bfloat16 peak per device, FLOP/s (NVIDIA datasheets, SXM parts).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

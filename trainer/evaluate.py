@@ -18,7 +18,7 @@ from .checkpoints import Checkpoints
 from .config import TrainConfig, read_model_config
 from .data import SampleStream
 from .errors import DataError
-from .train import abstract_train_state, compile_eval_step, create_optimizer, evaluate_stream, make_mesh
+from .steps import abstract_train_state, compile_eval_step, create_optimizer, evaluate_stream, make_mesh
 
 log = logging.getLogger(__name__)
 

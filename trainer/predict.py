@@ -35,7 +35,7 @@ from shapely.geometry import mapping, shape
 from .config import TILE_SIZE
 from .errors import ConfigError, DataError, TrainerError
 from .evaluate import restore_params, saved_train_config
-from .train import make_mesh
+from .steps import make_mesh
 
 log = logging.getLogger(__name__)
 

@@ -119,7 +119,7 @@ def _train_losses(workdir: Path) -> dict[int, float]:
 def _restore_latest_params(workdir: Path):
     from trainer.checkpoints import Checkpoints
     from trainer.evaluate import saved_train_config
-    from trainer.train import abstract_train_state, create_optimizer, make_mesh
+    from trainer.steps import abstract_train_state, create_optimizer, make_mesh
 
     config = saved_train_config(workdir, "postgresql://unused")
     mesh = make_mesh()
