@@ -38,6 +38,7 @@ import asyncpg
 
 from harvester.tiles import tile_at
 from tests.databases import TempDatabase
+from tests.fakes.process import start_fakes_process
 from tests.integration.harvest_checks import check_database
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,18 +86,10 @@ def write_points(path: Path, points) -> None:
 
 class Fakes:
     def __init__(self, prewarm: Path, seed: int, rate: float, density: float):
-        command = [sys.executable, "-m", "tests.fakes", "--port", "0", "--seed", str(seed), "--density", str(density),
-                   "--knob", "overpass:slots=64", "--knob", "hang_s=3", "--knob", "retry_after_s=1",
-                   "--prewarm", str(prewarm), "--prewarm-zooms", ",".join(map(str, ZOOMS)), *fault_args(rate)]
-        self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        self.env: dict[str, str] = {}
-        for line in self.proc.stdout:
-            if line.strip() == "READY":
-                break
-            name, _, value = line.strip().partition("=")
-            self.env[name] = value
-        else:
-            raise RuntimeError("the fakes did not start")
+        self.proc, self.env = start_fakes_process(
+            "--seed", str(seed), "--density", str(density), "--knob", "overpass:slots=64", "--knob", "hang_s=3",
+            "--knob", "retry_after_s=1", "--prewarm", str(prewarm), "--prewarm-zooms", ",".join(map(str, ZOOMS)),
+            *fault_args(rate))
         self.base = self.env["FAKES_STATS_URL"].rpartition("/_fakes/")[0]
 
     def _call(self, path: str, body: dict | None = None):

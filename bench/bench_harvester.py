@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -29,6 +28,7 @@ from harvester.osm import building_query
 from harvester.tiles import area_tile, lonlat_bounds, tile_at
 from tests.databases import TempDatabase
 from tests.fakes.faults import max_in_window
+from tests.fakes.process import start_fakes_process
 
 USER_AGENT = "tilesmith-bench/0.1 (+https://github.com/tilesmith/tilesmith)"
 
@@ -41,16 +41,7 @@ def write_points(path: str, samples: int, seed: int) -> np.ndarray:
 
 
 def start_fakes(*extra: str) -> tuple[subprocess.Popen, dict[str, str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes", "--port", "0", "--knob", "overpass:slots=64",
-                             *extra], stdout=subprocess.PIPE, text=True)
-    env = {}
-    for line in proc.stdout:
-        line = line.strip()
-        if line == "READY":
-            return proc, env
-        name, _, value = line.partition("=")
-        env[name] = value
-    raise RuntimeError("the fakes did not start")
+    return start_fakes_process("--knob", "overpass:slots=64", *extra)
 
 
 async def raw_tile_rate(template: str, points: np.ndarray, concurrency: int) -> float:

@@ -30,6 +30,18 @@ async def admin(sql: str, admin_url: str = ADMIN_URL) -> None:
         await conn.close()
 
 
+def fetch(url: str, sql: str, *args) -> list[asyncpg.Record]:
+    """The rows of one query on ``url`` (its own connection; for tests outside an event loop)."""
+    async def go():
+        conn = await asyncpg.connect(url)
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
 class TempDatabase:
     def __init__(self, *, prefix: str = "tilesmith_test", template: str | None = None, migrate: bool = False,
                  admin_url: str = ADMIN_URL, name: str | None = None):

@@ -28,6 +28,7 @@ import asyncpg
 import pytest
 
 from harvester.tiles import tile_at
+from tests.databases import fetch
 from tests.fakes.servers import FakeUpstreams
 from tests.fakes.world import World
 from tests.integration.harvest_checks import check_database
@@ -106,25 +107,14 @@ class Harvester:
         return self.stdout_path.read_text(errors="replace")
 
 
-def query(url: str, sql: str, *args):
-    async def go():
-        conn = await asyncpg.connect(url)
-        try:
-            return await conn.fetch(sql, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(go())
-
-
 def other_sessions(url: str) -> list:
     """Server sessions on this database other than the asking one (a dead client's live on until they notice)."""
-    return query(url, "SELECT pid, state, query FROM pg_stat_activity"
+    return fetch(url, "SELECT pid, state, query FROM pg_stat_activity"
                       " WHERE datname = current_database() AND pid <> pg_backend_pid()")
 
 
 def job_states(url: str) -> dict[str, int]:
-    return {r["state"]: r["n"] for r in query(url, "SELECT state::text, count(*) AS n FROM jobs GROUP BY 1")}
+    return {r["state"]: r["n"] for r in fetch(url, "SELECT state::text, count(*) AS n FROM jobs GROUP BY 1")}
 
 
 def wait_until(predicate, timeout: float, proc: Harvester | None = None, interval: float = 0.1) -> bool:
@@ -155,12 +145,12 @@ def assert_complete(url: str, world: World, points) -> dict[str, int]:
     """Every invariant, and exactly one sample per expected tile: nothing lost, nothing twice."""
     states = asyncio.run(check_database(url, world, max_attempts=MAX_ATTEMPTS))
     expected = expected_tiles(points)
-    rows = query(url, "SELECT zoom, tile_x, tile_y, count(*) AS n FROM dataset GROUP BY 1, 2, 3")
+    rows = fetch(url, "SELECT zoom, tile_x, tile_y, count(*) AS n FROM dataset GROUP BY 1, 2, 3")
     per_tile = {(r["zoom"], r["tile_x"], r["tile_y"]): r["n"] for r in rows}
     assert states.get("failed", 0) == 0 and states.get("skipped", 0) == 0, states
     assert set(per_tile) == expected, (len(per_tile), len(expected))
     assert set(per_tile.values()) == {1}
-    samples = query(url, "SELECT count(*) AS n FROM samples")[0]["n"]
+    samples = fetch(url, "SELECT count(*) AS n FROM samples")[0]["n"]
     assert samples == states["done"] == len(expected)
     return states
 
@@ -195,7 +185,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(migrated_database
             # A statement the worker sent just before it died still runs to its end, and may commit (a whole sample,
             # with its job done): let the dead worker's server sessions finish before reading what it held.
             assert wait_until(lambda: not other_sessions(url), 10), other_sessions(url)
-            held = query(url, "SELECT job_id, worker, lease_expires_at FROM jobs WHERE state = 'in_progress'")
+            held = fetch(url, "SELECT job_id, worker, lease_expires_at FROM jobs WHERE state = 'in_progress'")
             # Only dead workers hold jobs (this one, or an earlier one whose lease has not been noticed yet).
             assert all(int(r["worker"].split(":")[-2]) in dead_pids for r in held), held
             held_by_dead.update({r["job_id"]: r["lease_expires_at"] for r in held})
@@ -209,7 +199,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(migrated_database
         assert_complete(url, world, points)
 
         # The dead workers' jobs were taken again only once their lease had expired, and are done.
-        rows = query(url, "SELECT job_id, state::text AS state, attempts, updated_at FROM jobs"
+        rows = fetch(url, "SELECT job_id, state::text AS state, attempts, updated_at FROM jobs"
                           " WHERE job_id = ANY($1::bigint[])", list(held_by_dead))
         for r in rows:
             assert r["state"] == "done"
@@ -219,7 +209,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(migrated_database
         # No tile fetched twice, except those in flight in a dead worker (fetched, never stored).
         fetched = tile_requests(up)
         assert set(fetched) == expected_tiles(points)
-        dead_tiles = {(r["zoom"], r["tile_x"], r["tile_y"]) for r in query(
+        dead_tiles = {(r["zoom"], r["tile_x"], r["tile_y"]) for r in fetch(
             url, "SELECT zoom, tile_x, tile_y FROM jobs WHERE job_id = ANY($1::bigint[])", list(held_by_dead))}
         refetched = {tile for tile, n in fetched.items() if n > 1}
         assert refetched <= dead_tiles, sorted(refetched - dead_tiles)
@@ -240,7 +230,7 @@ def _harvest_with(n_processes: int, url: str, up: FakeUpstreams, points: Path, w
     wall = time.monotonic() - start
     for run, code in zip(runs, codes):
         assert code == 0, run.stderr[-3000:]
-    span = query(url, "SELECT extract(epoch FROM max(harvested_at) - min(harvested_at)) AS s, count(*) AS n"
+    span = fetch(url, "SELECT extract(epoch FROM max(harvested_at) - min(harvested_at)) AS s, count(*) AS n"
                       " FROM samples")[0]
     return wall, float(span["s"] or 0.0), span["n"]
 
@@ -265,9 +255,9 @@ def test_four_processes_share_the_queue_without_doing_a_job_twice(migrated_datab
         twice = {tile: n for tile, n in fetched.items() if n != 1}
         assert not twice, f"tiles fetched more than once by four processes: {twice}"
         queries = [r for r in up.requests("overpass") if r.path.endswith("/interpreter")]
-        areas = query(empty_database_url, "SELECT count(*) AS n FROM areas")[0]["n"]
+        areas = fetch(empty_database_url, "SELECT count(*) AS n FROM areas")[0]["n"]
         assert len(queries) == areas  # one Overpass query per area, whichever process claimed it
-        workers = query(empty_database_url, "SELECT count(DISTINCT worker) AS n FROM jobs")[0]["n"]
+        workers = fetch(empty_database_url, "SELECT count(DISTINCT worker) AS n FROM jobs")[0]["n"]
         assert workers == 0  # every job released its worker when done
         four_rate = up.stats()["xyz"]["max_per_second"]
 
@@ -304,7 +294,7 @@ def test_sigterm_mid_run_exits_0_with_nothing_in_progress(migrated_database_url,
         env = harvester_env(up, url, tmp_path / "points.csv", HARVESTER_LEASE_SECONDS="30")
         run = Harvester(env, tmp_path, name="terminated")
         assert wait_until(lambda: _in_flight(url), 60, run), run.stderr[-3000:]
-        attempts_before = {r["job_id"]: r["attempts"] for r in query(
+        attempts_before = {r["job_id"]: r["attempts"] for r in fetch(
             url, "SELECT job_id, attempts FROM jobs WHERE state = 'in_progress'")}
         sent = time.monotonic()
         for _ in range(signals):
@@ -321,7 +311,7 @@ def test_sigterm_mid_run_exits_0_with_nothing_in_progress(migrated_database_url,
         assert states.get("pending", 0) > 0, f"the harvest finished before the signal: {states}"
         if signals == 2:  # released at once: the interrupted attempt does not count
             assert took < 3.0, f"a second SIGTERM should release the jobs at once, took {took:.1f} s"
-            rows = query(url, "SELECT job_id, state::text AS state, attempts FROM jobs WHERE job_id = ANY($1)",
+            rows = fetch(url, "SELECT job_id, state::text AS state, attempts FROM jobs WHERE job_id = ANY($1)",
                          list(attempts_before))
             released = [r for r in rows if r["state"] == "pending"]
             assert released, rows

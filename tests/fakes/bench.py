@@ -13,14 +13,13 @@ import argparse
 import asyncio
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
 
 import aiohttp
 
 from .osm import tile_bounds
+from .process import start_fakes_process
 from .world import tile_for
 
 USER_AGENT = "tilesmith-fakes-bench/0.1 (+https://github.com/tilesmith/tilesmith)"
@@ -71,16 +70,8 @@ def run(count: int, seed: int) -> dict[str, tuple[float, float]]:
     prewarmed = [(lon + 1.0, lat) for lon, lat in places[: count // 2]]
     with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as points:
         points.write("lon,lat\n" + "".join(f"{lon},{lat}\n" for lon, lat in prewarmed))
-    command = [sys.executable, "-m", "tests.fakes", "--port", "0", "--seed", str(seed), "--knob", "overpass:slots=64",
-               "--prewarm", points.name]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    process, env = start_fakes_process("--seed", str(seed), "--knob", "overpass:slots=64", "--prewarm", points.name)
     try:
-        env = {}
-        for line in process.stdout:
-            if line.strip() == "READY":
-                break
-            name, _, value = line.strip().partition("=")
-            env[name] = value
         tiles = [
             env["HARVESTER_TILE_URL"].format(z=18, x=x, y=y) for x, y in (tile_for(lon, lat, 18) for lon, lat in places)
         ]

@@ -27,12 +27,11 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import asyncpg
 import pytest
 from aiohttp import web
 from PIL import Image
 
-from tests.databases import TempDatabase
+from tests.databases import TempDatabase, fetch
 from tests.fakes.servers import FakeUpstreams
 from tests.fakes.threaded import AppThread
 from tests.fakes.world import World
@@ -88,17 +87,6 @@ def harvester(*args: str, env: dict[str, str], timeout: float = 90) -> subproces
         stdout, stderr = proc.communicate()
         stderr += f"\n[test] killed after {timeout} s"
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def fetch(url: str, sql: str, *args):
-    async def go():
-        conn = await asyncpg.connect(url)
-        try:
-            return await conn.fetch(sql, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(go())
 
 
 def row_counts(url: str) -> dict[str, int]:

@@ -6,9 +6,6 @@ import asyncio
 import io
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -17,6 +14,7 @@ from PIL import Image
 
 from tests.fakes.faults import max_in_window, proper_user_agent
 from tests.fakes.osm import tile_bounds
+from tests.fakes.process import start_fakes_process
 from tests.fakes.render import roof_labels
 from tests.fakes.servers import FakeUpstreams
 from tests.fakes.world import World, tile_for
@@ -382,19 +380,8 @@ def test_max_in_window():
 
 
 def test_standalone_process_prints_urls_and_serves(tmp_path):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes", "--port", "0", "--latency", "0", "--fault", "xyz:unavailable=1"],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).resolve().parents[2],
-    )
+    process, env = start_fakes_process("--latency", "0", "--fault", "xyz:unavailable=1")
     try:
-        env = {}
-        for line in process.stdout:
-            if line.strip() == "READY":
-                break
-            name, _, value = line.strip().partition("=")
-            env[name] = value
         assert env["HARVESTER_OVERPASS_URL"].endswith("/api/interpreter")
         status, _, _ = asyncio.run(fetch("GET", env["HARVESTER_TILE_URL"].format(z=18, x=1, y=1)))
         assert status == 503
