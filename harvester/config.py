@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 PROVIDERS = ("ign", "google", "xyz")
 MAX_ZOOM = 22
+#: IGN's ORTHOIMAGERY.ORTHOPHOTOS stops at zoom 19 (tile matrix set PM_0_19 since 2025; the very-high-resolution
+#: layer was withdrawn): a deeper zoom would queue jobs that can only fail.
+IGN_MAX_ZOOM = 19
 
 
 def _int(name: str, text: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -275,6 +278,9 @@ def load_settings(environ: Mapping[str, str] | None = None, flags: Mapping[str, 
     settings = Settings(**values)
     if settings.tile_provider == "google" and not settings.google_maps_api_key:
         raise ConfigError("GOOGLE_MAPS_API_KEY: required by HARVESTER_TILE_PROVIDER=google")
+    if settings.tile_provider == "ign" and settings.zooms[-1] > IGN_MAX_ZOOM:
+        raise ConfigError(f"{given_as['HARVESTER_ZOOMS']}: the ign provider (ORTHOIMAGERY.ORTHOPHOTOS) serves zooms up "
+                          f"to {IGN_MAX_ZOOM}, got {settings.zooms[-1]}")
     if settings.tile_provider == "xyz" and not settings.tile_url:
         raise ConfigError("HARVESTER_TILE_URL: required by HARVESTER_TILE_PROVIDER=xyz")
     if settings.request_timeout < 2:

@@ -4,7 +4,7 @@
   section 7.2.2 GetTile KVP). Open licence Etalab 2.0, no key.
 - ``google``: Google Map Tiles API, 2D tiles (developers.google.com/maps/documentation/tile/2d-tiles-overview): a
   session from ``POST /v1/createSession?key=`` with ``mapType=satellite``, then ``GET /v1/2dtiles/{z}/{x}/{y}``.
-  The session is renewed a minute before its ``expiry`` and after an auth error.
+  The session is renewed min(60 s, half its lifetime) before its ``expiry``, and after an auth error.
 - ``xyz``: any ``{z}/{x}/{y}`` template.
 
 A 404 means "no imagery here" and raises :class:`TileUnavailable` (the job is skipped); other failures raise
@@ -77,6 +77,8 @@ class IgnProvider:
 
 class GoogleProvider:
     name = "google"
+    #: Renew this long before ``expiry``, or half the session's lifetime before it when that is shorter (a session
+    #: of a few seconds would otherwise be renewed before every tile).
     RENEW_BEFORE_S = 60.0
 
     def __init__(self, upstream: Upstream, base_url: str, api_key: str):
@@ -84,7 +86,7 @@ class GoogleProvider:
         self.base_url = base_url.rstrip("/")
         self._key = api_key
         self._session_token: str | None = None
-        self._expires_at = 0.0
+        self._renew_at = 0.0
         self._lock = asyncio.Lock()
         self.sessions_created = 0
 
@@ -93,8 +95,10 @@ class GoogleProvider:
 
     async def _session(self, session: aiohttp.ClientSession) -> str:
         async with self._lock:
-            if self._session_token is None or time.time() >= self._expires_at - self.RENEW_BEFORE_S:
-                self._session_token, self._expires_at = await self._create_session(session)
+            if self._session_token is None or time.time() >= self._renew_at:
+                created = time.time()
+                self._session_token, expiry = await self._create_session(session)
+                self._renew_at = expiry - min(self.RENEW_BEFORE_S, max(0.0, expiry - created) / 2)
             return self._session_token
 
     async def _create_session(self, session: aiohttp.ClientSession) -> tuple[str, float]:

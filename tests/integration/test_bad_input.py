@@ -155,6 +155,8 @@ BAD_SETTINGS: list[Bad] = [
         names=("GOOGLE_MAPS_API_KEY", "GOOGLE_MAPS_API_KEY"), note="-without-key"),
     Bad("HARVESTER_TILE_PROVIDER", "--tile-provider", "xyz", extra={"HARVESTER_TILE_URL": None},
         names=("HARVESTER_TILE_URL", "HARVESTER_TILE_URL"), note="-without-template"),
+    # IGN's orthophotos stop at zoom 19: deeper zooms stop the run at start instead of queueing jobs that fail.
+    Bad("HARVESTER_ZOOMS", "--zooms", "18,20", extra={"HARVESTER_TILE_PROVIDER": "ign"}, note="-ign-above-19"),
     # The database URL is validated at start, like every other setting (not a traceback from the driver).
     *_bad("DATABASE_URL", "--database-url", "notaurl", "postgresql://u@127.0.0.1:notaport/x"),
     # Values in range for the parser but not for the program: a lease PostgreSQL cannot represent, more tile

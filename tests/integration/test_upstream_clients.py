@@ -16,7 +16,7 @@ from harvester.http import Upstream
 from harvester.imagery import validate_tile
 from harvester.overpass import OverpassClient
 from harvester.providers import GoogleProvider, make_provider
-from harvester.tiles import lonlat_bounds, tile_at
+from harvester.tiles import Tile, lonlat_bounds, tile_at
 from tests.fakes.servers import FakeUpstreams
 from tests.fakes.world import World
 
@@ -149,16 +149,47 @@ def test_google_session_is_renewed_after_expiry(world):
         assert "test-key" not in repr(provider)
 
 
-def test_google_session_is_renewed_before_its_expiry(world):
-    with FakeUpstreams(world, session_lifetime_s=30) as up:  # within RENEW_BEFORE_S of expiry from the start
+def test_google_session_is_renewed_half_its_lifetime_before_expiry(world, monkeypatch):
+    """Renewal at min(60 s, half the lifetime) before ``expiry``: a 30 s session serves tiles for 15 s, then is
+    renewed, never before each tile (the provider's clock is moved; the fake's expiry is real time)."""
+    clock = {"offset": 0.0}
+    real_time = time.time
+    monkeypatch.setattr("harvester.providers.time.time", lambda: real_time() + clock["offset"])
+    with FakeUpstreams(world, session_lifetime_s=30) as up:
         provider = make_provider(_settings(up, "google"))
 
         async def scenario():
-            for _ in range(3):
+            for _ in range(3):  # all within the first half of the first session's life
                 await _tile(provider, AREA)
+            created_first = provider.sessions_created
+            clock["offset"] = 13.0  # 29-30 s of life left (expiry is whole seconds): still the first session
+            await _tile(provider, AREA)
+            still_first = provider.sessions_created
+            clock["offset"] = 16.0  # past the renewal point, 15 s before expiry
+            await _tile(provider, AREA)
+            return created_first, still_first, provider.sessions_created
 
-        asyncio.run(scenario())
-        assert provider.sessions_created == 3
+        assert asyncio.run(scenario()) == (1, 1, 2)
+
+
+def test_google_short_sessions_are_not_renewed_per_tile(world):
+    """A 4 s session (about 3-4 s of it left after rounding) serves ~2 s of tiles: 60 tiles cost a handful of
+    sessions, not 60, and every tile is served."""
+    with FakeUpstreams(world, session_lifetime_s=4) as up:
+        provider = make_provider(load_settings({**up.env(), "HARVESTER_TILE_PROVIDER": "google",
+                                                "HARVESTER_TILE_RATE": "40"}))
+        tiles = [Tile(AREA.x + i % 8, AREA.y + i // 8, AREA.z) for i in range(60)]
+
+        async def scenario():
+            started = time.monotonic()
+            async with aiohttp.ClientSession(headers={"User-Agent": UA}) as session:
+                for tile in tiles:
+                    await provider.fetch(session, tile)
+            return time.monotonic() - started
+
+        elapsed = asyncio.run(scenario())
+        assert 1 <= provider.sessions_created <= 1 + elapsed / 1.5
+        assert provider.sessions_created < 10
 
 
 def test_404_and_blank_tiles_are_unavailable(world):

@@ -34,7 +34,7 @@ def test_services_run_real_commands_in_order():
         build_parser().parse_args(command[1:])  # exits 2 on an unknown subcommand or flag
     assert services["migrate"]["command"] == ["harvester", "migrate"]
     assert services["harvester"]["command"] == ["harvester", "run"]
-    assert services["harvester"]["restart"] == "unless-stopped"
+    assert services["harvester"]["restart"] == "on-failure"  # exits 0 when done: `docker compose up` ends with it
     assert services["harvester"]["depends_on"] == {
         "db": {"condition": "service_healthy"}, "migrate": {"condition": "service_completed_successfully"}}
     assert "healthcheck" in services["db"] and services["db"]["volumes"]
