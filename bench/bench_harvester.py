@@ -1,11 +1,14 @@
-"""Harvester benchmark: ``python -m bench.bench_harvester [--samples 1000]``. Prints two figures:
+"""Harvester benchmark: ``python -m bench.bench_harvester [--samples 1000]``. Prints three figures:
 
 1. End-to-end samples/s with zero-latency local fakes (run as their own process, so they do not share our GIL; their
    tiles pre-rendered for the benchmark's points, so the fakes' own rendering does not eat the 2 cores), next to a
    baseline measured in the same run: the raw rate at which one aiohttp client fetches the same tiles from the same
    fakes with the same concurrency and does nothing else. The ratio is the share of that ceiling the harvest keeps
    while it also queries Overpass, validates, rasterizes, encodes and writes to PostgreSQL.
-2. The tile rate actually held against HARVESTER_TILE_RATE with 100 ms upstream latency: mean request rate over the
+2. The same on real tiles: the fakes serve the bodies of ``../shared/data/kampala-oam`` (123 RGBA PNGs of ~100-200
+   kB and 24 JPEGs, bytes as they are, one picked per tile) instead of their small rendered JPEGs; footprints are the
+   fakes' (skipped with a note when the folder is absent; ``--tile-files`` names another).
+3. The tile rate actually held against HARVESTER_TILE_RATE with 100 ms upstream latency: mean request rate over the
    run / limit (target 0.95-1.0) and the most request starts in any one-second window (never above the limit).
 """
 
@@ -40,6 +43,10 @@ def write_points(path: str, samples: int, seed: int) -> np.ndarray:
     return points
 
 
+KAMPALA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+                       "kampala-oam")
+
+
 def start_fakes(*extra: str) -> tuple[subprocess.Popen, dict[str, str]]:
     return start_fakes_process("--knob", "overpass:slots=64", *extra)
 
@@ -72,10 +79,11 @@ async def warm_overpass(url: str, points: np.ndarray, zooms: tuple[int, ...], co
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def end_to_end(samples: int, concurrency: int, workdir: str) -> dict[str, float]:
+async def end_to_end(samples: int, concurrency: int, workdir: str, tile_files: str | None = None
+                     ) -> dict[str, float]:
     points_csv = os.path.join(workdir, "points.csv")
     points = write_points(points_csv, samples, seed=1)
-    proc, fake_env = start_fakes("--prewarm", points_csv)
+    proc, fake_env = start_fakes("--prewarm", points_csv, *(("--tile-files", tile_files) if tile_files else ()))
     try:
         await warm_overpass(fake_env["HARVESTER_OVERPASS_URL"], points, (17, 18))
         baseline = await raw_tile_rate(fake_env["HARVESTER_TILE_URL"], points, concurrency)
@@ -127,11 +135,20 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rate", type=float, default=20.0, help="HARVESTER_TILE_RATE of the rate run")
     parser.add_argument("--rate-samples", type=int, default=150)
+    parser.add_argument("--tile-files", default=KAMPALA, help="folder of real OAM-{x}-{y}-{z}.png tiles")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         e2e = asyncio.run(end_to_end(args.samples, args.concurrency, workdir))
         print(f"end to end: {e2e['samples']} samples in {e2e['seconds']:.1f} s = {e2e['samples_per_s']:.0f} samples/s"
               f" | baseline raw tile fetch {e2e['baseline_tiles_per_s']:.0f} tiles/s | ratio {e2e['ratio']:.2f}")
+        if os.path.isdir(args.tile_files):
+            real = asyncio.run(end_to_end(args.samples, args.concurrency, workdir, args.tile_files))
+            print(f"end to end, real tiles ({os.path.basename(os.path.normpath(args.tile_files))}): {real['samples']}"
+                  f" samples in {real['seconds']:.1f} s = {real['samples_per_s']:.0f} samples/s | baseline raw tile"
+                  f" fetch {real['baseline_tiles_per_s']:.0f} tiles/s | ratio {real['ratio']:.2f}"
+                  f" | vs the rendered JPEGs {real['samples_per_s'] / e2e['samples_per_s']:.2f}")
+        else:
+            print(f"end to end, real tiles: skipped ({args.tile_files} not found)")
         held = asyncio.run(rate_held(args.rate, args.rate_samples, workdir))
     print(f"tile rate with 100 ms latency: limit {held['limit']:g}/s, held {held['mean_rate']:.2f}/s"
           f" (ratio {held['held_ratio']:.3f}) over {held['requests']} requests;"

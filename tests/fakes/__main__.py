@@ -6,6 +6,7 @@ Prints the harvester's settings (``NAME=value`` lines, then ``READY``) and serve
     python -m tests.fakes --fault xyz:unavailable=0.1 --fault overpass:timeout_remark=0.05 --knob overpass:slots=1
     python -m tests.fakes --geojson ../shared/data/kampala-oam/labels.geojson --coverage 32.5,0.3,32.7,0.4
     python -m tests.fakes --prewarm points.csv   # benchmarks: tiles of these points rendered before READY
+    python -m tests.fakes --tile-files ../shared/data/kampala-oam   # real tile bodies, synthetic buildings
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import gc
 import signal
 import threading
 import sys
+from pathlib import Path
 
 from .faults import Knobs
+from .file_tiles import scan_folder
 from .servers import FakeUpstreams
 from .world import World
 
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--density", type=float, default=400.0, help="buildings per km2 (mean)")
     parser.add_argument("--empty-fraction", type=float, default=0.1)
     parser.add_argument("--geojson", help="serve these polygons instead of a synthetic world")
+    parser.add_argument("--tile-files", help="serve the OAM-{x}-{y}-{z}.png tiles of this folder (real imagery, "
+                        "bytes as they are, one picked per tile) instead of rendered ones")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds each server waits before answering")
     parser.add_argument("--coverage", help="W,S,E,N lon/lat box with imagery (404 outside)")
     parser.add_argument("--fault", action="append", type=_assignment, default=[], metavar="SERVER:NAME=P")
@@ -79,10 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prewarm-zooms", default="17,18", help="zooms of --prewarm (default 17,18)")
     args = parser.parse_args(argv)
 
+    imagery = [path.read_bytes() for path in scan_folder(Path(args.tile_files)).values()] if args.tile_files else None
     if args.geojson:
-        world = World.from_geojson(args.geojson, seed=args.seed)
+        world = World.from_geojson(args.geojson, seed=args.seed, imagery=imagery)
     else:
-        world = World(args.seed, buildings_per_km2=args.density, empty_fraction=args.empty_fraction)
+        world = World(args.seed, buildings_per_km2=args.density, empty_fraction=args.empty_fraction, imagery=imagery)
     knobs, overrides, faults = {"latency_s": args.latency}, {}, {}
     if args.coverage:
         knobs["coverage"] = _knob_value("coverage", args.coverage)
