@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from . import DIST_NAME, PROJECT_URL, __version__
 from .errors import ConfigError
+from .tiles import parse_zooms as parse_zoom_list
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,10 @@ def _positive_float(name: str, text: str, maximum: float | None = None) -> float
 
 
 def parse_zooms(text: str, name: str = "HARVESTER_ZOOMS") -> tuple[int, ...]:
-    parts = [p.strip() for p in text.split(",")]
-    if not text.strip() or any(not p for p in parts):
-        raise ConfigError(f"{name}: expected comma-separated zoom levels such as 17,18, got {text!r}")
-    zooms = [_int(name, p, minimum=1, maximum=MAX_ZOOM) for p in parts]
-    if len(set(zooms)) != len(zooms):
-        raise ConfigError(f"{name}: zoom levels repeat in {text!r}")
-    return tuple(sorted(zooms))
+    try:
+        return parse_zoom_list(text, minimum=1, maximum=MAX_ZOOM)  # zoom 0 would make one Overpass area of the whole world
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def _url(name: str, text: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-import mercantile
+from .tiles import tile_at
 
 SPLIT_ZOOM = 10
 SPLITS = ("train", "val", "test")
@@ -26,5 +26,5 @@ def split_of_block(x: int, y: int) -> str:
 
 
 def split_for(lon: float, lat: float) -> str:
-    tile = mercantile.tile(lon, lat, SPLIT_ZOOM)
+    tile = tile_at(lon, lat, SPLIT_ZOOM)
     return split_of_block(tile.x, tile.y)

@@ -52,6 +52,24 @@ class MercatorBounds(NamedTuple):
     top: float  # metres, northing
 
 
+def parse_zooms(text: str, *, minimum: int = 0, maximum: int = MAX_ZOOM) -> tuple[int, ...]:
+    """``" 18, 17"`` -> ``(17, 18)``: comma-separated zoom levels, sorted. The one rule of the harvester's and the
+    trainer's zoom lists: every item an integer in ``minimum..maximum``, none empty, none repeated (a repeat is a typo).
+    Raises ``ValueError`` with a message that names no setting (callers add the name)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or any(not p for p in parts):
+        raise ValueError(f"expected comma-separated zoom levels such as 17,18, got {text!r}")
+    try:
+        zooms = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integer zoom levels such as 17,18, got {text!r}") from None
+    if any(not minimum <= z <= maximum for z in zooms):
+        raise ValueError(f"zoom levels must lie between {minimum} and {maximum}, got {text!r}")
+    if len(set(zooms)) != len(zooms):
+        raise ValueError(f"zoom levels repeat in {text!r}")
+    return tuple(sorted(zooms))
+
+
 def check_tile(tile: Tile) -> Tile:
     """Return ``tile`` as a :class:`Tile` of ints; raise ``ValueError`` when it is not a tile of the world."""
     x, y, z = (int(v) for v in tile)

@@ -23,6 +23,7 @@ from harvester.tiles import (
     check_tile,
     lonlat_bounds,
     mercator_bounds,
+    parse_zooms,
     pixel_grid,
     pixel_transform,
     tile_at,
@@ -245,3 +246,14 @@ def test_other_refusals():
         pixel_transform(Tile(0, 0, 0), 0)
     assert ancestor(Tile(5, 5, 4), 4) == Tile(5, 5, 4)
     assert check_tile((np.int64(1), 1, 1)) == Tile(1, 1, 1) and type(check_tile((np.int64(1), 1, 1)).x) is int
+
+
+def test_parse_zooms_one_rule_for_harvester_and_trainer():
+    assert parse_zooms(" 18, 17") == (17, 18)
+    assert parse_zooms("0") == (0,)  # the trainer's filter may name any zoom; the harvester asks for minimum=1
+    for bad, message in (("17,17", "repeat"), ("17,,18", "comma-separated"), ("", "comma-separated"),
+                         ("17;18", "integer"), ("31", "between 0 and 30")):
+        with pytest.raises(ValueError, match=message):
+            parse_zooms(bad)
+    with pytest.raises(ValueError, match="between 1 and 22"):
+        parse_zooms("0,17", minimum=1, maximum=22)
