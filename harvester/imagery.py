@@ -24,8 +24,10 @@ from PIL import Image
 from .errors import BadTile, TileUnavailable
 
 TILE_SIZE = 256
-#: Pixel limit for Pillow's decompression-bomb check. Process-wide (Pillow has only a global knob); 4096^2 is far
-#: above any tile and any image this project reads, and far below what would exhaust memory.
+#: Pixel limit for Pillow's decompression-bomb check, for the harvester and the trainer alike (trainer.decode takes
+#: it from here). Process-wide (Pillow has only a global knob), so set in this one place; 4096^2 is far above any tile
+#: and any image this project reads (the largest, a Dubai source image, is 2149 x 2062), and far below what would
+#: exhaust memory.
 MAX_IMAGE_PIXELS = 4096 * 4096
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
@@ -37,7 +39,7 @@ BLANK_SHARE = 0.92
 BLANK_TOLERANCE = 2
 
 ImageFormat = Literal["jpeg", "png", "webp"]
-_PILLOW_FORMATS: dict[ImageFormat, str] = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+PILLOW_FORMATS: dict[ImageFormat, str] = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 # What Pillow raises on malformed input, besides its own DecompressionBombError: its decoders are not consistent.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError, struct.error,
                   Image.DecompressionBombError)
@@ -90,7 +92,7 @@ def validate_tile(body: bytes, content_type: str | None) -> ValidTile:
                       f"{len(body)} bytes, starting {_summary(body)})")
     try:
         # Not closed by a with block: the decoded image lives on in the ValidTile (a BytesIO holds no resource).
-        image = Image.open(io.BytesIO(body), formats=[_PILLOW_FORMATS[image_format]])
+        image = Image.open(io.BytesIO(body), formats=[PILLOW_FORMATS[image_format]])
         if image.size not in ((TILE_SIZE, TILE_SIZE), (2 * TILE_SIZE, 2 * TILE_SIZE)):
             raise BadTile(f"{image_format} tile is {image.width}x{image.height} pixels, expected "
                           f"{TILE_SIZE}x{TILE_SIZE} (or {2 * TILE_SIZE}x{2 * TILE_SIZE}, which is reduced)")
@@ -177,7 +179,7 @@ def _reduce_and_encode(image: Image.Image, image_format: ImageFormat) -> bytes:
     out = io.BytesIO()
     reduced = image.reduce(2)  # 2x2 box average: the area rule, no ringing
     options = {"jpeg": {"quality": 92}, "png": {"compress_level": 6}, "webp": {"quality": 92}}[image_format]
-    reduced.save(out, format=_PILLOW_FORMATS[image_format], **options)
+    reduced.save(out, format=PILLOW_FORMATS[image_format], **options)
     return out.getvalue()
 
 

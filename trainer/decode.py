@@ -18,35 +18,14 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+# One home for the format rule, the tile size and Pillow's process-wide pixel limit (set by harvester.imagery).
+from harvester.imagery import PILLOW_FORMATS, TILE_SIZE, sniff_format
+
 from .errors import DataError
-
-TILE_SIZE = 256
-"""Width and height, in pixels, of every image and mask of the ``dataset`` view (SPEC: ``dataset``)."""
-
-MAX_IMAGE_PIXELS = 8192 * 8192
-"""Pillow's decompression-bomb limit, set explicitly for the process (Pillow raises above twice this). It is larger
-than any source image we crop (dubai-aerial: at most 2149 x 2062) and far below what would exhaust memory; tiles are
-additionally refused before decoding when their header does not say 256 x 256."""
-
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_PILLOW_FORMATS = {"jpeg": ("JPEG",), "png": ("PNG",), "webp": ("WEBP",)}
 
 
 class DecodeError(DataError):
     """Bytes that are not a decodable image or mask of the expected size. The message says which and why."""
-
-
-def sniff_format(data: bytes) -> str | None:
-    """``'jpeg'``, ``'png'`` or ``'webp'`` from the file signature of ``data``; ``None`` when it is none of them."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if data[:8] == _PNG_MAGIC:
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
 
 
 def decode_image(data: bytes, size: int = TILE_SIZE) -> np.ndarray:
@@ -78,7 +57,7 @@ def decode_mask(data: bytes, size: int = TILE_SIZE) -> np.ndarray:
     One-channel masks (``1``, ``L``, ``P`` by palette index, ``I``, ``I;16``) are read directly; for ``LA`` the
     grey band is used, for ``RGB``/``RGBA`` a pixel is building when any colour channel is nonzero.
     """
-    if data[:8] != _PNG_MAGIC:
+    if sniff_format(data) != "png":
         raise DecodeError(f"mask is not a PNG (starts with {bytes(data[:8])!r})")
     with _open_pillow(data, "png", size, what="mask") as image:
         try:
@@ -121,10 +100,10 @@ def _decode_jpeg(data: bytes, size: int) -> np.ndarray:
 
 def _open_pillow(data: bytes, fmt: str, size: int, *, what: str) -> Image.Image:
     """Open with Pillow, restricted to the sniffed format, and check the header's size before any pixel is decoded."""
-    # Image.open reads the header only; above MAX_IMAGE_PIXELS it warns (refused just below by the size check, as
+    # Image.open reads the header only; above harvester.imagery.MAX_IMAGE_PIXELS it warns (refused just below by the size check, as
     # any size but 256 x 256), above twice that it raises. (No warnings.catch_warnings here: not thread-safe.)
     try:
-        image = Image.open(io.BytesIO(data), formats=_PILLOW_FORMATS[fmt])
+        image = Image.open(io.BytesIO(data), formats=[PILLOW_FORMATS[fmt]])
     except Exception as exc:  # Pillow raises many types on bad input; the cause is chained
         raise DecodeError(f"{what} ({fmt}) does not open: {exc}") from exc
     if image.size != (size, size):
