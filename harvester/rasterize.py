@@ -54,20 +54,61 @@ def rasterize(footprints: Sequence[shapely.Geometry], tile: Tile, size: int = 25
     Row 0 is the tile's north edge, column 0 its west edge. Lines, points and empty or missing geometries burn
     nothing. Footprints that miss the tile cost little: their bounding boxes drop them before any other work.
     """
+    pixels = _pixel_rings(footprints, tile, size)
+    if pixels is None:
+        return np.zeros((size, size), dtype=np.uint8)
+    return _paint(*_spans(*pixels[:4], size)[:2], size)
+
+
+def rasterize_instances(footprints: Sequence[shapely.Geometry], tile: Tile, size: int = 256) -> np.ndarray:
+    """The (size, size) uint16 instance map of ``tile`` (SPEC: ``instances``): 0 for background, ``k`` where a pixel
+    centre is inside ``footprints[k - 1]``, by the same fill as :func:`rasterize`, so it is nonzero exactly where the
+    mask is. A pixel inside several footprints holds the smallest ``k``."""
+    if len(footprints) > np.iinfo(np.uint16).max:
+        raise ValueError(f"{len(footprints)} footprints do not fit a 16-bit instance map")
+    instances = np.zeros(size * size, dtype=np.uint16)
+    pixels = _pixel_rings(footprints, tile, size)
+    if pixels is None:
+        return instances.reshape(size, size)
+    column, row, ring_sizes, ring_polygon, polygon_footprint = pixels
+    span_start, span_end, span_polygon = _spans(column, row, ring_sizes, ring_polygon, size)
+    keep = span_start < span_end
+    span_start, lengths = span_start[keep], (span_end - span_start)[keep]
+    span_label = polygon_footprint[span_polygon[keep]] + 1
+    order = np.argsort(span_start, kind="stable")
+    span_start, lengths, span_label = span_start[order], lengths[order], span_label[order]
+    label = np.repeat(span_label, lengths)
+    pixel = np.repeat(span_start - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+    ends = span_start + lengths
+    if span_start.size > 1 and (span_start[1:] < np.maximum.accumulate(ends)[:-1]).any():
+        # Footprints overlap (rare: OSM buildings share walls, not floors): per pixel, the smallest label.
+        order = np.lexsort((label, pixel))
+        pixel, label = pixel[order], label[order]
+        first = np.ones(pixel.size, dtype=bool)
+        first[1:] = pixel[1:] != pixel[:-1]
+        pixel, label = pixel[first], label[first]
+    instances[pixel] = label
+    return instances.reshape(size, size)
+
+
+def _pixel_rings(footprints: Sequence[shapely.Geometry], tile: Tile, size: int):
+    """The rings of the footprints near the tile on its pixel grid: ``(column, row, ring_sizes, ring_polygon,
+    polygon_footprint)`` as :func:`fill_polygons` takes them, plus the footprint index of each polygon; None when no
+    polygon is near."""
     geometries = np.asarray(footprints, dtype=object).reshape(-1)
     if geometries.size == 0:
-        return np.zeros((size, size), dtype=np.uint8)
+        return None
     # A cheap first cut on the bounding boxes in degrees (NaN for None and empty geometries: dropped), with a margin
     # that dwarfs the difference between straight edges in degrees and in metres. It only saves work: a polygon
     # off the tile crosses no line of centres inside it.
     west, south, east, north = lonlat_bounds(tile)
     pad_x, pad_y = (east - west) / 100, (north - south) / 100
     box = shapely.bounds(geometries)
-    near = ((box[:, 0] <= east + pad_x) & (box[:, 2] >= west - pad_x)
-            & (box[:, 1] <= north + pad_y) & (box[:, 3] >= south - pad_y))
-    polygons = _polygons(geometries[near])
+    near = np.flatnonzero((box[:, 0] <= east + pad_x) & (box[:, 2] >= west - pad_x)
+                          & (box[:, 1] <= north + pad_y) & (box[:, 3] >= south - pad_y))
+    polygons, polygon_footprint = _polygons(geometries[near])
     if polygons.size == 0:
-        return np.zeros((size, size), dtype=np.uint8)
+        return None
     if shapely.get_num_interior_rings(polygons).any():
         rings, ring_polygon = shapely.get_rings(polygons, return_index=True)  # exterior, then holes, per polygon
     else:  # most buildings: get_rings costs 5x more
@@ -81,28 +122,42 @@ def rasterize(footprints: Sequence[shapely.Geometry], tile: Tile, size: int = 25
     left, top, pixel_m = pixel_grid(tile, size)
     column = -left / pixel_m + x * (1.0 / pixel_m)
     row = -top / -pixel_m + y * (1.0 / -pixel_m)
-    return fill_polygons(column, row, shapely.get_num_coordinates(rings), ring_polygon, size)
+    return column, row, shapely.get_num_coordinates(rings), ring_polygon, near[polygon_footprint]
 
 
-def _polygons(geometries: np.ndarray) -> np.ndarray:
-    """The polygons of polygonal geometries and of collections, multipolygons split into their parts.
+def _polygons(geometries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The polygons of polygonal geometries and of collections, multipolygons split into their parts, and the index
+    in ``geometries`` of each one's geometry.
 
     GDAL burns the parts of a multipolygon one by one (in its default "replace" mode), like separate polygons. Lines
     and points are dropped: GDAL would burn every pixel they touch, which no footprint rule wants.
     """
     types = shapely.get_type_id(geometries)
-    polygons = geometries[types == _POLYGON]
-    nested = geometries[(types == _MULTIPOLYGON) | (types == _COLLECTION)]
+    single = np.flatnonzero(types == _POLYGON)
+    polygons, owner = geometries[single], single
+    nested = np.flatnonzero((types == _MULTIPOLYGON) | (types == _COLLECTION))
     if nested.size:
-        parts = shapely.get_parts(nested)
-        parts = shapely.get_parts(parts[np.isin(shapely.get_type_id(parts), (_POLYGON, _MULTIPOLYGON))])
-        polygons = np.concatenate([polygons, parts[shapely.get_type_id(parts) == _POLYGON]])
-    return polygons
+        parts, part_owner = shapely.get_parts(geometries[nested], return_index=True)
+        keep = np.isin(shapely.get_type_id(parts), (_POLYGON, _MULTIPOLYGON))
+        parts, sub_owner = shapely.get_parts(parts[keep], return_index=True)  # a multipolygon inside a collection
+        part_owner = nested[part_owner[keep][sub_owner]]
+        is_polygon = shapely.get_type_id(parts) == _POLYGON
+        polygons = np.concatenate([polygons, parts[is_polygon]])
+        owner = np.concatenate([owner, part_owner[is_polygon]])
+    return polygons, owner
 
 
 def fill_polygons(column: np.ndarray, row: np.ndarray, ring_sizes: np.ndarray, ring_polygon: np.ndarray,
                   size: int) -> np.ndarray:
     """GDAL's pixel-centre fill of polygons given in pixel coordinates; the (size, size) uint8 union of the fills.
+    See :func:`_spans`."""
+    return _paint(*_spans(column, row, ring_sizes, ring_polygon, size)[:2], size)
+
+
+def _spans(column: np.ndarray, row: np.ndarray, ring_sizes: np.ndarray, ring_polygon: np.ndarray,
+           size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GDAL's pixel-centre fill of polygons given in pixel coordinates, as half-open spans of flat pixel indices
+    ``(start, end, polygon)``: the pixels ``start..end-1`` (row * size + column) are inside polygon ``polygon``.
 
     ``column`` and ``row`` (float64, (column, row) = (0, 0) at the tile's north-west corner, rows growing southwards)
     hold the closed rings one after the other, ``ring_sizes`` points each; ``ring_polygon`` numbers each ring's
@@ -142,18 +197,20 @@ def fill_polygons(column: np.ndarray, row: np.ndarray, ring_sizes: np.ndarray, r
     opening, closing = keys[0::2], keys[1::2]
     span_start = ((opening >> column_bits) & ((1 << line_bits) - 1)) * size + (opening & ((1 << column_bits) - 1))
     span_end = span_start + (closing - opening)  # flat pixel indices, row * size + column
+    span_polygon = opening >> (line_bits + column_bits)
     horizontal = start[y1 == y2]
     if horizontal.size:
         line = np.floor(row[horizontal])
         on_line = (row[horizontal] - line == 0.5) & (line >= 0) & (line < size)
         if on_line.any():
-            more_start, more_end = _horizontal_spans(column, row, ring_sizes, horizontal[on_line], size)
+            more_start, more_end, more_ring = _horizontal_spans(column, row, ring_sizes, horizontal[on_line], size)
             span_start, span_end = np.append(span_start, more_start), np.append(span_end, more_end)
-    return _paint(span_start, span_end, size)
+            span_polygon = np.append(span_polygon, ring_polygon[more_ring])
+    return span_start, span_end, span_polygon
 
 
 def _horizontal_spans(column: np.ndarray, row: np.ndarray, ring_sizes: np.ndarray, edge_start: np.ndarray,
-                      size: int) -> tuple[np.ndarray, np.ndarray]:
+                      size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GDAL's special case: a horizontal edge lying exactly on a line of centres is burnt when it is a "bottom" edge.
 
     GDAL walks every ring clockwise on the map (it reverses the others, ``GDALCollectRingsFromGeometry``) and burns a
@@ -168,13 +225,15 @@ def _horizontal_spans(column: np.ndarray, row: np.ndarray, ring_sizes: np.ndarra
     # Shoelace sums; a term across two rings adds 0 (x = y = 0 at a ring's first point). In pixel space, rows
     # growing southwards, a positive sum is a clockwise ring on the map.
     area = np.add.reduceat(x[:-1] * y[1:] - x[1:] * y[:-1], ring_start)
-    clockwise = area[np.searchsorted(ring_end, edge_start, side="right")] > 0
+    ring = np.searchsorted(ring_end, edge_start, side="right")
+    clockwise = area[ring] > 0
     x1, x2 = column[edge_start], column[edge_start + 1]
     westwards = np.where(clockwise, x1 > x2, x2 > x1)  # in GDAL's order: it reversed the anticlockwise rings
     x1, x2, line = x1[westwards], x2[westwards], np.floor(row[edge_start[westwards]]).astype(np.intp)
+    ring = ring[westwards]
     left = np.minimum(np.maximum(np.floor(np.minimum(x1, x2) + 0.5), 0), size).astype(np.intp)
     right = np.minimum(np.maximum(np.floor(np.maximum(x1, x2) + 0.5), 0), size).astype(np.intp)
-    return line * size + left, line * size + right
+    return line * size + left, line * size + right, ring
 
 
 def _paint(span_start: np.ndarray, span_end: np.ndarray, size: int) -> np.ndarray:
@@ -214,14 +273,46 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     height, width = mask.shape
     scanlines = np.zeros((height, width + 1), dtype=np.uint8)  # column 0: filter type 0, "None"
     np.not_equal(mask, 0, out=scanlines[:, 1:].view(np.bool_))
+    return _grey_png(scanlines, width, height, 8)
+
+
+def encode_instances_png(instances: np.ndarray) -> bytes:
+    """A 16-bit, one-channel (greyscale) PNG of an instance map (SPEC: ``instances``): the mask's writer with bit
+    depth 16, samples big-endian (PNG section 7.1), each scan line through the "Sub" filter (type 1: every byte minus
+    the byte one sample, 2 bytes, to its left, section 9.2), which turns a run of one id into a run of zeros for
+    Z_RLE. Measured: 0.2 ms and ~0.6 kB for a typical map, against 0.8 ms and 5.8 kB unfiltered."""
+    instances = np.asarray(instances)
+    if instances.ndim != 2 or instances.size == 0 or instances.dtype != np.uint16:
+        raise ValueError(f"an instance map is a 2-D uint16 array, got {instances.dtype} {instances.shape}")
+    height, width = instances.shape
+    raw = instances.astype(">u2").view(np.uint8).reshape(height, 2 * width)
+    scanlines = np.empty((height, 2 * width + 1), dtype=np.uint8)
+    scanlines[:, 0] = 1  # filter type 1, "Sub"
+    scanlines[:, 1:3] = raw[:, :2]
+    np.subtract(raw[:, 2:], raw[:, :-2], out=scanlines[:, 3:])  # modulo 256, as the filter is defined
+    return _grey_png(scanlines, width, height, 16)
+
+
+def _grey_png(scanlines: np.ndarray, width: int, height: int, bit_depth: int) -> bytes:
     deflate = zlib.compressobj(6, zlib.DEFLATED, 15, 9, PNG_ZLIB_STRATEGY)
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey, deflate, no interlace
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)  # grey, deflate, no interlace
     return b"".join([_PNG_SIGNATURE, _chunk(b"IHDR", header),
                      _chunk(b"IDAT", deflate.compress(scanlines) + deflate.flush()), _chunk(b"IEND", b"")])
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+
+def decode_instances_png(data: bytes) -> np.ndarray:
+    """The uint16 instance map of a 16-bit one-channel PNG."""
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            if image.mode not in ("I;16", "I;16B", "I"):
+                raise ValueError(f"an instance PNG is 16-bit grey, this one is {image.mode}")
+            return np.asarray(image).astype(np.uint16)
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"not a readable instance PNG ({len(data)} bytes): {exc}") from exc
 
 
 def decode_mask_png(data: bytes) -> np.ndarray:

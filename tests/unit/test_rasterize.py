@@ -32,7 +32,8 @@ from rasterio.warp import transform_geom
 from shapely.geometry import GeometryCollection, LineString, MultiPolygon, Point, Polygon, box, mapping, shape
 
 from harvester.osm import parse_buildings
-from harvester.rasterize import decode_mask_png, encode_mask_png, fill_polygons, rasterize
+from harvester.rasterize import (decode_instances_png, decode_mask_png, encode_instances_png, encode_mask_png,
+                                 fill_polygons, rasterize, rasterize_instances)
 from harvester.tiles import EARTH_RADIUS_M, Tile, ancestor, lonlat_bounds, mercator_bounds, pixel_transform, tile_at, \
     to_mercator
 
@@ -200,6 +201,70 @@ def test_kampala_masks_equal_gdal():
              for p in sorted(KAMPALA.glob("OAM-*-*-*.png"))]
     for tile in sorted({ancestor(t, z) for t in named for z in range(16, t.z + 1)}):
         np.testing.assert_array_equal(rasterize(footprints, tile), gdal_mask(footprints, tile), err_msg=str(tile))
+
+
+def gdal_instances(footprints, tile: Tile, size: int = 256) -> np.ndarray:
+    """The instance map as GDAL burns it (the oracle): footprint k (1-based) burnt with the value k, the largest k
+    first so that on overlaps the smallest stays on top (GDAL's "replace" keeps the last burn)."""
+    out = np.zeros((size, size), dtype=np.uint16)
+    shapes = []
+    for k in range(len(footprints), 0, -1):
+        parts = shapely.get_parts(shapely.get_parts(np.asarray([footprints[k - 1]], dtype=object)))
+        for polygon in parts[(shapely.get_type_id(parts) == 3) & ~shapely.is_empty(parts)]:
+            shapes.append((shapely.transform(polygon, to_mercator, interleaved=False), k))
+    if shapes:
+        rasterio.features.rasterize(shapes, out=out, transform=pixel_transform(tile, size), all_touched=False)
+    return out
+
+
+def test_instances_equal_gdal_and_the_mask_on_real_footprints(overpass_footprints):
+    bounds = shapely.total_bounds(overpass_footprints)
+    tiles = tiles_over(bounds, 17) + [t for t in tiles_over(bounds, 18) if (t.x + t.y) % 3 == 0]
+    labelled = 0
+    for tile in tiles:
+        near = [g for g in overpass_footprints if g.intersects(shapely.box(*lonlat_bounds(tile)))]
+        instances = rasterize_instances(near, tile)
+        assert instances.dtype == np.uint16 and instances.shape == (256, 256)
+        np.testing.assert_array_equal(instances, gdal_instances(near, tile), err_msg=str(tile))
+        np.testing.assert_array_equal(instances != 0, rasterize(near, tile).astype(bool), err_msg=str(tile))
+        labelled += len(np.unique(instances)) - 1
+    assert len(tiles) > 100 and labelled > 500
+
+
+def test_instances_of_overlapping_multipolygons_and_holes():
+    """Two overlapping footprints (the first wins where they overlap), a multipolygon whose two parts keep one
+    label, a courtyard left empty, and a line that burns nothing but still counts in the numbering."""
+    tile = Tile(0, 0, 0)
+    left, _, _, top = mercator_bounds(tile)
+    step = (2 * -left) / 256
+
+    def poly(c0, r0, c1, r1, holes=()):  # pixel corners to lon/lat degrees, through PROJ
+        def ring(a0, b0, a1, b1):
+            xs, ys = [left + a * step for a in (a0, a1, a1, a0)], [top - b * step for b in (b0, b0, b1, b1)]
+            lon, lat = proj_transform("EPSG:3857", "EPSG:4326", xs, ys)
+            return list(zip(lon, lat))
+        return Polygon(ring(c0, r0, c1, r1), [ring(*h) for h in holes])
+
+    footprints = [poly(100, 100, 140, 140), poly(120, 120, 160, 160),
+                  MultiPolygon([poly(10, 10, 20, 20), poly(30, 10, 40, 20)]),
+                  LineString([(0, 0), (10, 10)]),
+                  poly(200, 200, 240, 240, holes=[(210, 210, 230, 230)])]
+    instances = rasterize_instances(footprints, tile)
+    assert instances[130, 130] == 1 and instances[150, 150] == 2 and instances[125, 125] == 1
+    assert instances[15, 15] == 3 and instances[15, 35] == 3 and instances[15, 25] == 0
+    assert instances[220, 220] == 0 and instances[205, 205] == 5
+    assert set(np.unique(instances)) == {0, 1, 2, 3, 5}
+    np.testing.assert_array_equal(instances != 0, rasterize(footprints, tile).astype(bool))
+    assert rasterize_instances([], tile).max() == 0
+    png = encode_instances_png(instances)
+    with Image.open(io.BytesIO(png)) as image:  # what any PNG reader sees: 16-bit grey
+        assert image.mode == "I;16" and image.size == (256, 256) and png[24:26] == b"\x10\x00"
+    np.testing.assert_array_equal(decode_instances_png(png), instances)
+    wide = np.zeros((256, 256), dtype=np.uint16)
+    wide[0, 0], wide[255, 255] = 1, 65535  # the full 16-bit range survives
+    np.testing.assert_array_equal(decode_instances_png(encode_instances_png(wide)), wide)
+    with pytest.raises(ValueError, match="16-bit"):
+        decode_instances_png(encode_mask_png(instances != 0))
 
 
 HALF = st.integers(-8, 72).map(lambda v: v / 2)  # pixel coordinates on a half-pixel grid around a 32-pixel tile
