@@ -53,11 +53,6 @@ def draw_mask(image: np.ndarray, mask: np.ndarray, *, colour: tuple[int, int, in
     return out
 
 
-def mask_picture(mask: np.ndarray) -> np.ndarray:
-    """A mask as an RGB picture: buildings white, the rest black."""
-    return np.repeat(np.where(np.asarray(mask) != 0, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
-
-
 def confusion_picture(image: np.ndarray, truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     """The tile in dimmed grey, with true positives in TP_COLOUR, false positives in FP_COLOUR and false negatives in
     FN_COLOUR (true negatives keep the grey tile)."""

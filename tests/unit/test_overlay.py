@@ -7,7 +7,7 @@ from PIL import Image
 from scipy import ndimage
 
 from harvester.overlay import (FN_COLOUR, FP_COLOUR, OUTLINE_COLOUR, TP_COLOUR, confusion_picture, draw_mask,
-                               mask_picture, outline, save_png)
+                               outline, save_png)
 
 
 def _image(seed: int = 0) -> np.ndarray:
@@ -69,14 +69,6 @@ def test_confusion_colours_match_a_known_prediction(tmp_path):
     rest = ~(truth | predicted)
     assert (read[rest][:, 0] == read[rest][:, 1]).all() and (read[rest][:, 1] == read[rest][:, 2]).all()  # grey
     assert read[rest].max() <= 128 and read[rest].std() > 10  # the tile, dimmed: still visible, not blank
-
-
-def test_mask_picture_is_white_on_black():
-    mask = np.zeros((256, 256), np.uint8)
-    mask[5:7, 5:9] = 3
-    picture = mask_picture(mask)
-    assert picture.shape == (256, 256, 3)
-    assert (picture[5:7, 5:9] == 255).all() and picture.sum() == 8 * 3 * 255
 
 
 def test_save_png_replaces_the_file_and_leaves_no_temporary(tmp_path):
