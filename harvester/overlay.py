@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-OUTLINE_COLOUR = (255, 221, 0)  # building outlines: yellow, visible on roofs, vegetation and asphalt
+OUTLINE_COLOUR = (0, 255, 255)  # building outlines: cyan, visible on red and orange roofs, vegetation and asphalt
 TINT_ALPHA = 0.3  # share of OUTLINE_COLOUR blended into the inside of a building
 
 TP_COLOUR = (0, 200, 120)  # true positive: building, found (green)

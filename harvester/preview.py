@@ -77,7 +77,7 @@ async def preview(database_url: str, out: Path, *, zoom: int | None = None, spli
     samples = [rows[picked[i]["sample_id"]] for i in order if picked[i]["sample_id"] in rows]
     matching = picked[0]["matching"]
     title = (f"{len(samples)} of {matching:,} samples of {_selection(zoom, split)}, seed {seed}"
-             "   (yellow: building mask)")
+             "   (cyan: building mask)")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         save_png(contact_sheet(samples, title), out)
@@ -111,7 +111,7 @@ def contact_sheet(samples: list, title: str) -> Image.Image:
         draw.text((x, y + TILE_SIZE + 3), f"#{sample['sample_id']}   z{sample['zoom']}   {sample['split']}",
                   fill=TEXT, font=font(FONT_SIZE))
         draw.text((x, y + TILE_SIZE + 3 + FONT_SIZE + 3),
-                  f"cover {cover:.1%}   {sample['building_count']} buildings", fill=MUTED, font=font(FONT_SIZE))
+                  f"cover {cover:.1%}   {_buildings(sample['building_count'])}", fill=MUTED, font=font(FONT_SIZE))
     return sheet
 
 
@@ -131,3 +131,7 @@ def _tile(sample) -> tuple[np.ndarray, str | None]:
 def _selection(zoom: int | None, split: str | None) -> str:
     return f"zoom {zoom if zoom is not None else 'any'}, split {split or 'any'}"
 
+
+
+def _buildings(count: int) -> str:
+    return f"{count} building{'' if count == 1 else 's'}"

@@ -20,7 +20,7 @@ need_apt=()
 psql -d postgres -Atc "SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'" | grep -q 1 \
   || need_apt+=("postgresql-${PG_MAJOR}-postgis-3")
 command -v docker-compose >/dev/null || need_apt+=(docker-compose)
-command -v chromium >/dev/null || need_apt+=(chromium)  # renders the evaluation report in tests/integration/test_report.py
+command -v chromium >/dev/null || need_apt+=(chromium)  # headless: tests/integration/test_report.py
 if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null

@@ -6,11 +6,11 @@ image sizes are refused rather than resized: the network learnt the ground resol
 image would show buildings at a scale it never saw.
 
 Output: the mask as an 8-bit PNG, 0 = background and 255 = building (viewable as is); with ``--overlay``, the input
-tile with the predicted buildings tinted and outlined in yellow (:func:`harvester.overlay.draw_mask`). With
+tile with the predicted buildings tinted and outlined in cyan (:func:`harvester.overlay.draw_mask`). With
 ``--geojson``, the buildings as a GeoJSON FeatureCollection in EPSG:4326: ``rasterio.features.shapes`` on the mask
 (4-connected, as the object metric), simplified with a 1-pixel tolerance, then mapped from tile pixels to Web Mercator
-(EPSG:3857, the tile's ``mercantile.xy_bounds``) and to longitude/latitude. That needs the tile: known with ``--lon/--lat/--zoom``,
-given with ``--tile Z/X/Y`` for ``--image``; without it ``--geojson`` is refused.
+(EPSG:3857, the tile's ``mercantile.xy_bounds``) and to longitude/latitude. That needs the tile: known with
+``--lon/--lat/--zoom``, given with ``--tile Z/X/Y`` for ``--image``; without it ``--geojson`` is refused.
 """
 
 from __future__ import annotations

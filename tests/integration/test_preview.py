@@ -60,7 +60,7 @@ def cells(path, n: int, columns: int) -> list[np.ndarray]:
 
 
 def identify(cell: np.ndarray, samples: dict) -> int:
-    """The one stored sample this cell shows: its tile outside the buildings, its mask outlined in yellow."""
+    """The one stored sample this cell shows: its tile outside the buildings, its mask outlined in cyan."""
     found = []
     for sample_id, s in samples.items():
         mask = s["mask"]
