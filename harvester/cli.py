@@ -1,4 +1,4 @@
-"""The ``harvester`` command line: ``migrate``, ``run``, ``status``, ``export``, ``bench``.
+"""The ``harvester`` command line: ``migrate``, ``run``, ``status``, ``export``, ``preview``, ``bench``.
 
 Every setting comes from its environment variable, and its flag wins over it (see ``harvester.config``). A bad setting
 prints one line naming it and exits with status 2.
@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--split", choices=SPLITS, help="only this split (default: each split to its own files)")
     add_setting_flags(p, ("DATABASE_URL",))
+
+    p = sub.add_parser("preview", help="contact sheet of stored samples, masks drawn over their tiles (PNG)")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--zoom", type=int, help="only this zoom (default: an even mix of every zoom)")
+    p.add_argument("--split", choices=SPLITS, help="only this split (default: any)")
+    p.add_argument("--limit", type=int, default=24, help="tiles to draw (default 24)")
+    p.add_argument("--seed", type=int, default=0, help="which samples: same seed, same sheet (default 0)")
+    add_setting_flags(p, ("DATABASE_URL",))
     return parser
 
 
@@ -95,6 +103,12 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         written = await export(settings.database_url, args.zoom, args.out, batch_size=args.batch_size,
                                splits=(args.split,) if args.split else SPLITS)
         log.info("exported %s", ", ".join(f"{k}={v}" for k, v in written.items()))
+        return 0
+    if args.command == "preview":
+        from .preview import preview
+
+        await preview(settings.database_url, args.out, zoom=args.zoom, split=args.split, limit=args.limit,
+                      seed=args.seed)
         return 0
     from .run import harvest, install_signal_handlers
 

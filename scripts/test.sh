@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what it needs, then runs pytest.
 #   - Debian's PostGIS package for the PostgreSQL server at $PGHOST:$PGPORT (127.0.0.1:5432 by default), and
-#     Debian's docker-compose (only to validate docker-compose.yml; no Docker engine is needed);
+#     Debian's docker-compose (only to validate docker-compose.yml; no Docker engine is needed), and Debian's chromium
+#     (headless, to render the evaluation report);
 #   - a virtual environment .venv with the project and its [train,test] extras.
 # Extra arguments go to pytest (e.g. scripts/test.sh tests/unit -x).
 set -euo pipefail
@@ -19,6 +20,7 @@ need_apt=()
 psql -d postgres -Atc "SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'" | grep -q 1 \
   || need_apt+=("postgresql-${PG_MAJOR}-postgis-3")
 command -v docker-compose >/dev/null || need_apt+=(docker-compose)
+command -v chromium >/dev/null || need_apt+=(chromium)  # headless: tests/integration/test_report.py
 if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null

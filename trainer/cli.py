@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--decode-workers", type=_positive_int, default=2, help="image decoding threads "
                           "(default 2)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    evaluate.add_argument("--report", type=Path, metavar="OUT", help="also write OUT/index.html: metrics, curves, "
+                          "best and worst tiles (opens from disk)")
 
     predict = commands.add_parser("predict", help="predicted mask (and building polygons) of one tile")
     common(predict, database=False)
@@ -123,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tile", help="Z/X/Y of --image, needed for --geojson")
     predict.add_argument("--out", type=Path, required=True, help="mask PNG to write (0 background, 255 building)")
     predict.add_argument("--geojson", type=Path, help="GeoJSON of the building polygons (EPSG:4326) to write")
+    predict.add_argument("--overlay", type=Path, help="PNG to write: the input tile, predicted buildings outlined")
     return parser
 
 
@@ -183,8 +186,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     url = _database_url(args)
     _enable_compilation_cache()
-    result = evaluate(args.workdir, url, split=args.split, zooms=args.zooms, batch_size=args.batch_size,
-                      decode_workers=args.decode_workers, progress=not args.json)
+    run, options = evaluate, {}
+    if args.report is not None:  # the same metrics, and the report written
+        from .report import evaluate_with_report as run
+
+        options = {"report": args.report}
+    result = run(args.workdir, url, split=args.split, zooms=args.zooms, batch_size=args.batch_size,
+                 decode_workers=args.decode_workers, progress=not args.json, **options)
     print(json.dumps(result, sort_keys=True) if args.json else format_table(result, args.split))
     return EXIT_OK
 
@@ -198,8 +206,9 @@ def _predict(args: argparse.Namespace) -> int:
         raise ConfigError("--lat/--zoom: only with --lon (not with --image)")
     _enable_compilation_cache()
     summary = predict(args.workdir, args.out, image=args.image, tile=args.tile, lon=args.lon, lat=args.lat,
-                      zoom=args.zoom, geojson=args.geojson)
-    log.info("wrote %s%s: %s", args.out, f" and {args.geojson}" if args.geojson else "", summary)
+                      zoom=args.zoom, geojson=args.geojson, overlay=args.overlay)
+    written = [str(p) for p in (args.geojson, args.overlay) if p is not None]
+    log.info("wrote %s%s: %s", args.out, "".join(f" and {p}" for p in written), summary)
     return EXIT_OK
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import jax
 
@@ -47,8 +48,11 @@ def restore_params(workdir: Path, config: TrainConfig, mesh) -> tuple:
 
 
 def evaluate(workdir: Path | str, database_url: str, *, split: str = "test", zooms: tuple[int, ...] | None = None,
-             batch_size: int | None = None, decode_workers: int = 2, progress: bool = True) -> dict:
-    """``{iou, f1, precision, recall, pixel_accuracy, object_f1, samples, per_zoom}`` over every sample of ``split``."""
+             batch_size: int | None = None, decode_workers: int = 2, progress: bool = True,
+             observe: Callable | None = None) -> dict:
+    """``{iou, f1, precision, recall, pixel_accuracy, object_f1, samples, per_zoom}`` over every sample of ``split``.
+
+    ``observe(batch, outputs)`` sees every batch evaluated (see :func:`trainer.steps.evaluate_stream`)."""
     workdir = Path(workdir).resolve()
     config = saved_train_config(workdir, database_url)
     devices = jax.local_devices()
@@ -62,7 +66,7 @@ def evaluate(workdir: Path | str, database_url: str, *, split: str = "test", zoo
         if len(stream) == 0:
             raise DataError(f"split {split!r} holds no sample (zooms {list(zooms) if zooms else 'all'}): "
                             "nothing to evaluate")
-        result = evaluate_stream(eval_fn, params, stream, mesh, progress=progress)
+        result = evaluate_stream(eval_fn, params, stream, mesh, progress=progress, observe=observe)
     return {key: result[key] for key in JSON_KEYS}
 
 

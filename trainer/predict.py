@@ -5,11 +5,12 @@ configured imagery provider (``harvester.providers.fetch_tile_once``, same setti
 image sizes are refused rather than resized: the network learnt the ground resolution of a zoom level, and a resized
 image would show buildings at a scale it never saw.
 
-Output: the mask as an 8-bit PNG, 0 = background and 255 = building (viewable as is). With ``--geojson``, the
-buildings as a GeoJSON FeatureCollection in EPSG:4326: ``rasterio.features.shapes`` on the mask (4-connected, as the
-object metric), simplified with a 1-pixel tolerance, then mapped from tile pixels to Web Mercator (EPSG:3857, the
-tile's ``mercantile.xy_bounds``) and to longitude/latitude. That needs the tile: known with ``--lon/--lat/--zoom``,
-given with ``--tile Z/X/Y`` for ``--image``; without it ``--geojson`` is refused.
+Output: the mask as an 8-bit PNG, 0 = background and 255 = building (viewable as is); with ``--overlay``, the input
+tile with the predicted buildings tinted and outlined in cyan (:func:`harvester.overlay.draw_mask`). With
+``--geojson``, the buildings as a GeoJSON FeatureCollection in EPSG:4326: ``rasterio.features.shapes`` on the mask
+(4-connected, as the object metric), simplified with a 1-pixel tolerance, then mapped from tile pixels to Web Mercator
+(EPSG:3857, the tile's ``mercantile.xy_bounds``) and to longitude/latitude. That needs the tile: known with
+``--lon/--lat/--zoom``, given with ``--tile Z/X/Y`` for ``--image``; without it ``--geojson`` is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from PIL import Image, UnidentifiedImageError
 from rasterio import features
 from rasterio.transform import Affine
 from shapely.geometry import mapping, shape
+
+from harvester.overlay import draw_mask, save_png
 
 from .config import TILE_SIZE
 from .errors import ConfigError, DataError, TrainerError
@@ -148,8 +151,9 @@ def mask_to_geojson(mask: np.ndarray, tile: mercantile.Tile) -> dict:
 
 def predict(workdir: Path | str, out: Path | str, *, image: Path | str | None = None, tile: str | None = None,
             lon: float | None = None, lat: float | None = None, zoom: int | None = None,
-            geojson: Path | str | None = None) -> dict:
-    """Write the mask PNG (and the GeoJSON); return ``{"building_pixels", "buildings"?, "tile"?}``."""
+            geojson: Path | str | None = None, overlay: Path | str | None = None) -> dict:
+    """Write the mask PNG (and the GeoJSON, and the input tile with the predicted buildings outlined);
+    return ``{"building_pixels", "buildings"?, "tile"?}``."""
     if (image is None) == (lon is None or lat is None or zoom is None):
         raise ConfigError("--image / --lon --lat --zoom: give either an image or all three of --lon, --lat, --zoom")
     known_tile = parse_tile(tile) if tile is not None else None
@@ -171,6 +175,11 @@ def predict(workdir: Path | str, out: Path | str, *, image: Path | str | None = 
                           "(or predict from --lon --lat --zoom)")
     mask = Predictor(Path(workdir))(pixels)
     Path(out).write_bytes(mask_png(mask))
+    if overlay is not None:
+        try:
+            save_png(draw_mask(pixels, mask), overlay)
+        except OSError as exc:
+            raise ConfigError(f"--overlay: cannot write {overlay}: {exc.strerror or exc}") from None
     summary: dict = {"building_pixels": int(mask.sum())}
     if known_tile is not None:
         summary["tile"] = f"{known_tile.z}/{known_tile.x}/{known_tile.y}"

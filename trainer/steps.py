@@ -195,10 +195,11 @@ def compile_eval_step(graphdef: nnx.GraphDef, mesh: Mesh) -> Callable:
 
 
 def evaluate_stream(eval_fn: Callable, params: nnx.State, stream: SampleStream, mesh: Mesh, *,
-                    objects: bool = True, progress: bool = False) -> dict:
+                    objects: bool = True, progress: bool = False, observe: Callable | None = None) -> dict:
     """Metrics of ``params`` over every sample of ``stream`` (made with ``pad_last=True``: padding rows are masked).
 
-    The host-side part of batch k (object matching) runs while the device computes batch k + 1.
+    The host-side part of batch k (object matching) runs while the device computes batch k + 1. ``observe``, when
+    given, is called with each batch and its fetched eval outputs (``counts``, ``predicted``), e.g. to keep tiles.
     """
     metrics = SegmentationMetrics(objects=objects)
     sharding = batch_sharded(mesh)
@@ -206,6 +207,8 @@ def evaluate_stream(eval_fn: Callable, params: nnx.State, stream: SampleStream, 
     def consume(batch, out):
         out = jax.device_get(out)
         metrics.update(out["counts"], batch.valid, batch.zooms, out["predicted"], batch.masks)
+        if observe is not None:
+            observe(batch, out)
 
     pending = None
     bar = tqdm(total=stream.num_batches(), unit="batch", desc=f"evaluate {stream.split}", disable=not progress,
