@@ -18,7 +18,7 @@ import asyncpg
 import numpy as np
 import shapely
 
-from .osm import Footprint
+from .labels.osm import Footprint
 from .tiles import Tile, area_tile, lonlat_bounds, tile_at
 
 STATES = ("pending", "in_progress", "done", "failed", "skipped")

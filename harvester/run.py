@@ -18,7 +18,8 @@ import numpy as np
 
 from . import db
 from .config import Settings
-from .overpass import MAX_RESPONSE_BYTES, OverpassClient
+from .labels import OverpassLabels
+from .labels.overpass import MAX_RESPONSE_BYTES, OverpassClient
 from .http import Upstream
 from .providers import client_session, make_provider
 from .queue import counts, enqueue
@@ -76,8 +77,8 @@ async def harvest(settings: Settings, stop: asyncio.Event | None = None, *, over
         log.info("queued %d new jobs for %d coordinates at zooms %s", added, len(points),
                  ",".join(map(str, settings.zooms)))
         async with client_session(settings) as session:
-            worker = Worker(settings, pool, session, make_provider(settings),
-                            overpass or overpass_client(settings))
+            labels = OverpassLabels(overpass or overpass_client(settings), session)
+            worker = Worker(settings, pool, session, make_provider(settings), labels)
             reporter = asyncio.create_task(_report(pool, worker))
             work = asyncio.create_task(worker.run(stop))
             stopped = asyncio.create_task(stop.wait())

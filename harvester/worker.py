@@ -27,8 +27,7 @@ from .config import Settings
 from .db import DatabaseError
 from .errors import TileUnavailable, UpstreamError
 from .imagery import validate_tile
-from .osm import Footprint
-from .overpass import OverpassClient
+from .labels import Footprint, LabelSource
 from .providers import TileProvider
 from .queue import ClaimedArea, ClaimedJob, claim_area, load_buildings, queries, store_buildings
 from .rasterize import encode_mask_png, rasterize
@@ -81,13 +80,13 @@ class Progress:
 
 class Worker:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, session: aiohttp.ClientSession,
-                 provider: TileProvider, overpass: OverpassClient, *, slots: int | None = None,
+                 provider: TileProvider, labels: LabelSource, *, slots: int | None = None,
                  poll_interval: float = 0.5):
         self.settings = settings
         self.pool = pool
         self.session = session
         self.provider = provider
-        self.overpass = overpass
+        self.labels = labels
         self.slots = slots or max(2, settings.tile_concurrency + 2 * settings.overpass_concurrency)
         self.poll_interval = poll_interval
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -197,7 +196,7 @@ class Worker:
         if area.fetched:
             async with self.pool.acquire() as conn:
                 return await load_buildings(conn, area.area_id)
-        parsed = await self.overpass.fetch_buildings(self.session, lonlat_bounds(area.tile))
+        parsed = await self.labels.footprints(lonlat_bounds(area.tile))
         dropped = sum(parsed.dropped.values())
         async with self.pool.acquire() as conn:
             await store_buildings(conn, area.area_id, parsed.footprints, dropped)

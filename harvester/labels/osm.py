@@ -24,7 +24,7 @@ import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon
 
-from .errors import OverpassError
+from ..errors import OverpassError
 
 log = logging.getLogger(__name__)
 
