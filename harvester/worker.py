@@ -29,9 +29,10 @@ from .errors import TileUnavailable, UpstreamError
 from .imagery import validate_tile
 from .labels import Footprint, LabelSource
 from .providers import TileProvider
-from .queue import ClaimedArea, ClaimedJob, claim_area, load_buildings, queries, store_buildings
+from .queue import ClaimedArea, ClaimedJob, claim_area, queries
 from .rasterize import encode_mask_png, rasterize
 from .splits import split_for
+from .store import load_buildings, store_buildings, store_sample
 from .tiles import Tile, lonlat_bounds
 
 log = logging.getLogger(__name__)
@@ -219,10 +220,10 @@ class Worker:
 
     async def _store(self, job: ClaimedJob, sample: Sample, pending: dict) -> None:
         async with self.pool.acquire() as conn:
-            stored = await conn.fetchval(
-                self._sql["store_sample"], job.job_id, self.worker_id, *sample.bounds,
-                split_for(job.lon, job.lat), sample.image, sample.image_format, sample.mask_png,
-                sample.building_pixels, sample.building_count)
+            stored = await store_sample(
+                conn, job.job_id, self.worker_id, bounds=sample.bounds, split=split_for(job.lon, job.lat),
+                image=sample.image, image_format=sample.image_format, mask_png=sample.mask_png,
+                building_pixels=sample.building_pixels, building_count=sample.building_count)
         pending.pop(job.job_id, None)
         if stored is None:
             log.warning("job %d: lease lost before the sample was stored; another worker owns it now", job.job_id)
