@@ -30,13 +30,14 @@ async def store_sample(conn: asyncpg.Connection, job_id: int, worker: str, *, bo
 
 
 async def store_buildings(conn: asyncpg.Connection, area_id: int, footprints: Sequence[Footprint],
-                          dropped: int) -> None:
-    """Store the area's footprints and mark it fetched (one statement: all or nothing)."""
+                          dropped: int, *, source: str = "overpass") -> None:
+    """Store the area's footprints, with the label source they came from, and mark the area fetched (one statement:
+    all or nothing)."""
     geoms = np.empty(len(footprints), dtype=object)
     geoms[:] = [f.geometry for f in footprints]
     await conn.execute(queries("store")["store_buildings"], area_id, [f.osm_type for f in footprints],
                        [f.osm_id for f in footprints], shapely.to_wkb(geoms).tolist(),  # one vectorized call
-                       [json.dumps(f.tags) for f in footprints], dropped)
+                       [json.dumps(f.tags) for f in footprints], dropped, source)
 
 
 async def load_buildings(conn: asyncpg.Connection, area_id: int) -> list[Footprint]:

@@ -200,7 +200,7 @@ class Worker:
         parsed = await self.labels.footprints(lonlat_bounds(area.tile))
         dropped = sum(parsed.dropped.values())
         async with self.pool.acquire() as conn:
-            await store_buildings(conn, area.area_id, parsed.footprints, dropped)
+            await store_buildings(conn, area.area_id, parsed.footprints, dropped, source=self.labels.name)
         return list(parsed.footprints)
 
     async def _process_job(self, job: ClaimedJob, footprints: list[Footprint], pending: dict) -> None:

@@ -15,8 +15,8 @@ RETURNING sample_id;
 -- Store the area's footprints and mark it fetched: one statement, so one transaction and one round trip. An area
 -- is fetched only while fetched_at is NULL, and footprints exist only once it is set, so nothing is there to replace.
 WITH added AS (
-    INSERT INTO buildings (area_id, osm_type, osm_id, geom, tags)
-    SELECT $1, t.osm_type, t.osm_id, ST_Multi(ST_GeomFromWKB(t.wkb, 4326)), t.tags::jsonb
+    INSERT INTO buildings (area_id, osm_type, osm_id, geom, tags, source)
+    SELECT $1, t.osm_type, t.osm_id, ST_Multi(ST_GeomFromWKB(t.wkb, 4326)), t.tags::jsonb, $7
     FROM unnest($2::text[], $3::bigint[], $4::bytea[], $5::text[]) AS t(osm_type, osm_id, wkb, tags)
     ON CONFLICT (area_id, osm_type, osm_id) DO NOTHING
 )
