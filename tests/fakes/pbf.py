@@ -26,18 +26,21 @@ REPLICATION_TIMESTAMP = "2026-01-01T00:00:00Z"
 REPLICATION_SEQUENCE = 4321
 
 
-def objects_in(world: World, bounds: Bounds) -> list[OsmObject]:
-    """Every object of the zoom-17 cells meeting ``bounds`` (whole, once each), sorted by type and id."""
-    cols, rows = cells_covering(bounds)
+def objects_in(world: World, bounds: Bounds | list[Bounds]) -> list[OsmObject]:
+    """Every object of the zoom-17 cells meeting ``bounds`` (one box or several; whole, once each), sorted by type
+    and id."""
+    cells = set()
+    for box in [bounds] if isinstance(bounds, tuple) else bounds:
+        cols, rows = cells_covering(box)
+        cells.update((cx, cy) for cx in cols for cy in rows)
     found: dict[tuple[str, int], OsmObject] = {}
-    for cx in cols:
-        for cy in rows:
-            for obj in world.cell(cx, cy):
-                found[(obj.type, obj.id)] = obj
+    for cx, cy in cells:
+        for obj in world.cell(cx, cy):
+            found[(obj.type, obj.id)] = obj
     return [found[key] for key in sorted(found)]
 
 
-def write_extract(world: World, bounds: Bounds, path: str | Path, *, extras: bool = True,
+def write_extract(world: World, bounds: Bounds | list[Bounds], path: str | Path, *, extras: bool = True,
                   replication: tuple[str, int] | None = (REPLICATION_TIMESTAMP, REPLICATION_SEQUENCE)
                   ) -> dict[str, int]:
     """Write the world's objects meeting ``bounds`` (and, with ``extras``, the non-building objects above) to

@@ -53,7 +53,7 @@ def test_footprint_rule_on_a_hand_made_extract(tmp_path):
         # relation 11: a dangling outer and a member the file does not hold
         23: ([71, 72, 73], {}),
         # relation 12's outer way is tagged building itself: both are footprints, as Overpass returns both
-        24: ([1, 2, 3, 4, 1], {"building": "yes", "name": "tagged member"}),
+        24: ([1, 2, 3, 4, 1], {"building": "yes", "building:levels": "3", "name": "tagged member"}),
         30: ([81, 82, 83, 84, 81], {"highway": "service"}),  # a closed road
     }
     relations = {
@@ -71,7 +71,8 @@ def test_footprint_rule_on_a_hand_made_extract(tmp_path):
     assert set(found) == {("way", 1), ("way", 2), ("way", 24), ("relation", 10), ("relation", 12)}
     assert all(shapely.is_valid(f.geometry) and f.geometry.area > 0 for f in found.values())
     assert found[("relation", 10)].geometry.equals(shapely.box(0.06, 0, 0.061, 1e-3))
-    assert found[("way", 24)].tags == {"building": "yes", "name": "tagged member"}
+    assert found[("way", 24)].tags == {"building": "yes", "building:levels": "3"}  # the tags kept of a way
+    assert found[("relation", 12)].tags == {"type": "multipolygon", "building": "church"}
     assert tally.pop(REPAIRED) == 1
     assert tally == {"way_unclosed": 1, "building_no": 2, "way_missing_or_bad_geometry": 1,
                      "relation_member_missing_geometry": 1, "relation_member_dangling": 1,
