@@ -114,8 +114,9 @@ def footprint_batches(path: Path, tally: Counter[str], *, node_cache: str | None
                     members[way.id] = _linestring(factory, way)
                 if building is None:
                     continue
-                if building == "no":
-                    tally["building_no"] += 1
+                reason = skip_reason("way", {"building": building})
+                if reason is not None:
+                    tally[reason] += 1
                     continue
                 tags = {key: value for key in WAY_TAGS if (value := way_tags.get(key)) is not None}
                 pending.append((way.id, tags, _linestring(factory, way)))
