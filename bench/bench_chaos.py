@@ -220,7 +220,7 @@ async def _verify(url: str, fakes: Fakes, partial: bool) -> dict:
     for r in fakes.requests("overpass"):
         if r["path"].endswith("/interpreter"):
             queries[r["key"]].append(r)
-    from harvester.osm import building_query
+    from harvester.labels.osm import building_query
     from harvester.tiles import Tile, lonlat_bounds
 
     timeout_s = max(1, int(2 * 0.8))

@@ -34,7 +34,7 @@ import shapely
 from PIL import Image
 
 from harvester.imagery import validate_tile
-from harvester.osm import Footprint, parse_buildings
+from harvester.labels.osm import Footprint, parse_buildings
 from harvester.rasterize import encode_mask_png, rasterize
 from harvester.tiles import Tile, lonlat_bounds, mercator_bounds, pixel_transform, tile_at, to_mercator
 from harvester.worker import build_sample

@@ -27,7 +27,7 @@ import numpy as np
 from harvester.config import load_settings
 from harvester.run import harvest
 from harvester.sampling import PopulationSampler, parse_region
-from harvester.osm import building_query
+from harvester.labels.osm import building_query
 from harvester.tiles import area_tile, lonlat_bounds, tile_at
 from tests.databases import TempDatabase
 from tests.fakes.faults import max_in_window

@@ -1,4 +1,4 @@
-"""The ``harvester`` command line: ``migrate``, ``run``, ``status``, ``export``, ``preview``, ``bench``.
+"""The ``harvester`` command line: ``migrate``, ``run``, ``status``, ``export``, ``import-osm``, ``preview``.
 
 Every setting comes from its environment variable, and its flag wins over it (see ``harvester.config``). A bad setting
 prints one line naming it and exits with status 2.
@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__, db
+from . import __version__, db, import_osm
 from .config import Settings, add_setting_flags, flags_from_args, load_settings
 from .errors import ConfigError, HarvesterError
 from .splits import SPLITS
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=SPLITS, help="only this split (default: each split to its own files)")
     add_setting_flags(p, ("DATABASE_URL",))
 
+    import_osm.add_parser(sub)
+
     p = sub.add_parser("preview", help="contact sheet of stored samples, masks drawn over their tiles (PNG)")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--zoom", type=int, help="only this zoom (default: an even mix of every zoom)")
@@ -87,14 +89,20 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         applied = await db.migrate(settings.database_url)
         log.info("migrations applied: %s", ", ".join(applied) if applied else "none (up to date)")
         return 0
+    if args.command == "import-osm":
+        return await import_osm.main(args, settings)
     if args.command == "status":
+        from .labels.extract import active_extract
         from .queue import counts
 
         conn = await db.connect(settings.database_url)
         try:
             result = await counts(conn)
+            extract = await active_extract(conn)
         finally:
             await conn.close()
+        if extract is not None:  # only then: the JSON keys stay those of SPEC.md on a database without an extract
+            result["extract"] = extract
         print(json.dumps(result) if args.json else _status_table(result))
         return 0
     if args.command == "export":
@@ -126,4 +134,15 @@ def _status_table(result: dict) -> str:
     for zoom, c in result["by_zoom"].items():
         lines.append(f"{zoom:>6} " + " ".join(f"{c[s]:>11}" for s in states))
     lines.append(f"{'all':>6} " + " ".join(f"{result[s]:>11}" for s in states))
+    extract = result.get("extract")
+    if extract is None:
+        lines.append("OSM extract: none imported (harvester import-osm FILE.osm.pbf)")
+    else:
+        replication = ", ".join(filter(None, [extract["replication_timestamp"] and
+                                              f"replication {extract['replication_timestamp']}",
+                                              extract["replication_sequence"] and
+                                              f"sequence {extract['replication_sequence']}"]))
+        lines.append(f"OSM extract: {extract['file_name']} ({replication or 'no replication state in its header'}),"
+                     f" {extract['kept']} footprints kept, {extract['dropped']} dropped, imported"
+                     f" {extract['imported_at']}")
     return "\n".join(lines)

@@ -137,6 +137,15 @@ def _provider(name: str, text: str) -> str:
     return value
 
 
+def _labels(name: str, text: str) -> str:
+    from .labels import LABEL_SOURCES
+
+    value = text.strip().lower()
+    if value not in LABEL_SOURCES:
+        raise ConfigError(f"{name}: expected one of {', '.join(LABEL_SOURCES)}, got {text!r}")
+    return value
+
+
 def _user_agent(name: str, text: str) -> str:
     value = text.strip()
     if not value or any(ord(c) < 32 for c in value):
@@ -196,6 +205,8 @@ SETTINGS: tuple[Setting, ...] = (
             "User-Agent sent to every upstream"),
     Setting("HARVESTER_MAX_ATTEMPTS", "--max-attempts", "5", lambda n, t: _int(n, t, minimum=1),
             "attempts per sample before it is marked failed"),
+    Setting("HARVESTER_LABELS", "--labels", "overpass", _labels,
+            "where building footprints come from: overpass | extract (imported by harvester import-osm)"),
     Setting("HARVESTER_REQUEST_TIMEOUT", "--request-timeout", "60", _positive_float,
             "seconds before one upstream request is abandoned"),
     Setting("HARVESTER_BACKOFF_BASE", "--backoff-base", "2", _positive_float,
@@ -226,6 +237,7 @@ class Settings:
     overpass_concurrency: int
     user_agent: str
     max_attempts: int
+    labels: str
     request_timeout: float
     backoff_base: float
     lease_seconds: float

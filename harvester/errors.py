@@ -9,6 +9,10 @@ class ConfigError(HarvesterError):
     """A setting is missing, unknown or malformed. The message names the variable."""
 
 
+class InputFileError(ConfigError):
+    """An input file (an OSM extract) is missing, unreadable or not of its format: one line, exit status 2."""
+
+
 class UpstreamError(HarvesterError):
     """An upstream request failed (network, HTTP status, bad body). Counted as one failed attempt.
 

@@ -1,4 +1,5 @@
 """The job queue in PostgreSQL: enqueueing, claiming (``FOR UPDATE SKIP LOCKED``), leases and job outcomes.
+What a job produces (samples, buildings) is written by :mod:`harvester.store`.
 
 Named queries live in ``sql/queue.sql`` and are loaded once. Job states and their transitions are documented in
 ``migrations/0001_init.sql``. Every outcome query checks that the caller still holds the job (``worker`` and
@@ -7,28 +8,20 @@ Named queries live in ``sql/queue.sql`` and are loaded once. Job states and thei
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from typing import Sequence
 
 import asyncpg
 import numpy as np
-import shapely
 
-from .osm import Footprint
+from .sql import queries as named_queries
 from .tiles import Tile, area_tile, lonlat_bounds, tile_at
 
 STATES = ("pending", "in_progress", "done", "failed", "skipped")
 
 
-@cache
 def queries() -> dict[str, str]:
-    text = resources.files(__package__).joinpath("sql/queue.sql").read_text()
-    parts = re.split(r"^-- name: (\w+)\s*$", text, flags=re.M)
-    return {name: sql.strip() for name, sql in zip(parts[1::2], parts[2::2])}
+    return named_queries("queue")
 
 
 @dataclass(frozen=True)
@@ -93,21 +86,6 @@ async def claim_area(conn: asyncpg.Connection, worker: str, lease_s: float) -> C
                             r["lon"], r["lat"]) for r in sorted(rows, key=lambda r: r["job_id"]))
     return ClaimedArea(first["area_id"], Tile(first["area_x"], first["area_y"], first["area_zoom"]),
                        first["fetched"], jobs)
-
-
-async def store_buildings(conn: asyncpg.Connection, area_id: int, footprints: Sequence[Footprint],
-                          dropped: int) -> None:
-    """Store the area's footprints and mark it fetched (one statement: all or nothing)."""
-    geoms = np.empty(len(footprints), dtype=object)
-    geoms[:] = [f.geometry for f in footprints]
-    await conn.execute(queries()["store_buildings"], area_id, [f.osm_type for f in footprints],
-                       [f.osm_id for f in footprints], shapely.to_wkb(geoms).tolist(),  # one vectorized call
-                       [json.dumps(f.tags) for f in footprints], dropped)
-
-
-async def load_buildings(conn: asyncpg.Connection, area_id: int) -> list[Footprint]:
-    rows = await conn.fetch(queries()["select_buildings"], area_id)
-    return [Footprint(r["osm_type"], r["osm_id"], shapely.from_wkb(r["wkb"]), {}) for r in rows]
 
 
 async def counts(conn: asyncpg.Connection) -> dict[str, object]:

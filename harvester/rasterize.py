@@ -19,7 +19,7 @@ bench.bench_cores`` measures all three). The unit tests check the equality again
 and on shapes built to put vertices and edges exactly on pixel centres and lines, and every pixel against
 ``shapely.contains_xy``. Crossings are rounded to C ``int`` in GDAL; they stay far from its limits up to zoom 22.
 
-Footprints must be valid polygons (as :func:`harvester.osm.parse_buildings` returns them): on a self-intersecting
+Footprints must be valid polygons (as :func:`harvester.labels.osm.parse_buildings` returns them): on a self-intersecting
 ring the even-odd scan line and the OGC "inside" disagree.
 """
 

@@ -18,7 +18,9 @@ import numpy as np
 
 from . import db
 from .config import Settings
-from .overpass import MAX_RESPONSE_BYTES, OverpassClient
+from .labels import LabelSource, OverpassLabels
+from .labels.extract import ExtractLabels, require_extract
+from .labels.overpass import MAX_RESPONSE_BYTES, OverpassClient
 from .http import Upstream
 from .providers import client_session, make_provider
 from .queue import counts, enqueue
@@ -71,13 +73,16 @@ async def harvest(settings: Settings, stop: asyncio.Event | None = None, *, over
                               max_size=min(32, settings.tile_concurrency + 2 * settings.overpass_concurrency + 4))
     try:
         async with pool.acquire() as conn:
+            if settings.labels == "extract":
+                await require_extract(conn)  # nothing imported: stop before anything is queued
             added = await enqueue(conn, sampler_key=sampler_key, points=points, zooms=settings.zooms,
                                   provider=settings.tile_provider)
         log.info("queued %d new jobs for %d coordinates at zooms %s", added, len(points),
                  ",".join(map(str, settings.zooms)))
         async with client_session(settings) as session:
-            worker = Worker(settings, pool, session, make_provider(settings),
-                            overpass or overpass_client(settings))
+            labels: LabelSource = ExtractLabels(pool) if settings.labels == "extract" else \
+                OverpassLabels(overpass or overpass_client(settings), session)
+            worker = Worker(settings, pool, session, make_provider(settings), labels)
             reporter = asyncio.create_task(_report(pool, worker))
             work = asyncio.create_task(worker.run(stop))
             stopped = asyncio.create_task(stop.wait())

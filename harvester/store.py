@@ -1,13 +1,48 @@
-"""Writing samples. A sample (image, mask, statistics, job state) is always written in one transaction."""
+"""Writing what the harvest produces: samples and the buildings of their areas, one statement each.
+
+A sample (image, mask, statistics, job state) is always written in one transaction, and only while its worker still
+holds the job; an area's buildings and its ``fetched`` mark too. Named queries live in ``sql/store.sql``.
+"""
 
 from __future__ import annotations
 
-import asyncpg
+import json
+from typing import Sequence
 
+import asyncpg
+import numpy as np
+import shapely
+
+from .labels.osm import Footprint
 from .splits import split_for
+from .sql import queries
 from .tiles import Tile, lonlat_bounds
 
 _TILE_POLYGON = "ST_MakeEnvelope($1, $2, $3, $4, 4326)"
+
+
+async def store_sample(conn: asyncpg.Connection, job_id: int, worker: str, *, bounds: Sequence[float], split: str,
+                       image: bytes, image_format: str, mask_png: bytes, building_pixels: int,
+                       building_count: int) -> int | None:
+    """Store a harvested sample and mark its job done; None when ``worker`` no longer holds the job."""
+    return await conn.fetchval(queries("store")["store_sample"], job_id, worker, *bounds, split, image, image_format,
+                               mask_png, building_pixels, building_count)
+
+
+async def store_buildings(conn: asyncpg.Connection, area_id: int, footprints: Sequence[Footprint],
+                          dropped: int, *, source: str = "overpass") -> None:
+    """Store the area's footprints, with the label source they came from, and mark the area fetched (one statement:
+    all or nothing)."""
+    geoms = np.empty(len(footprints), dtype=object)
+    geoms[:] = [f.geometry for f in footprints]
+    await conn.execute(queries("store")["store_buildings"], area_id, [f.osm_type for f in footprints],
+                       [f.osm_id for f in footprints], shapely.to_wkb(geoms).tolist(),  # one vectorized call
+                       [json.dumps(f.tags) for f in footprints], dropped, source)
+
+
+async def load_buildings(conn: asyncpg.Connection, area_id: int) -> list[Footprint]:
+    rows = await conn.fetch(queries("store")["select_buildings"], area_id)
+    return [Footprint(r["osm_type"], r["osm_id"], shapely.from_wkb(r["wkb"]), {}) for r in rows]
 
 
 async def insert_external_sample(

@@ -29,12 +29,12 @@ from .config import Settings
 from .db import DatabaseError
 from .errors import TileUnavailable, UpstreamError
 from .imagery import sniff_format, validate_tile
-from .osm import Footprint
-from .overpass import OverpassClient
+from .labels import Footprint, LabelSource
 from .providers import TileProvider
-from .queue import ClaimedArea, ClaimedJob, claim_area, load_buildings, queries, store_buildings
+from .queue import ClaimedArea, ClaimedJob, claim_area, queries
 from .rasterize import encode_mask_png, rasterize
 from .splits import split_for
+from .store import load_buildings, store_buildings, store_sample
 from .tiles import Tile, lonlat_bounds
 
 log = logging.getLogger(__name__)
@@ -83,13 +83,13 @@ class Progress:
 
 class Worker:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, session: aiohttp.ClientSession,
-                 provider: TileProvider, overpass: OverpassClient, *, slots: int | None = None,
+                 provider: TileProvider, labels: LabelSource, *, slots: int | None = None,
                  poll_interval: float = 0.5):
         self.settings = settings
         self.pool = pool
         self.session = session
         self.provider = provider
-        self.overpass = overpass
+        self.labels = labels
         self.slots = slots or max(2, settings.tile_concurrency + 2 * settings.overpass_concurrency)
         self.poll_interval = poll_interval
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -199,10 +199,10 @@ class Worker:
         if area.fetched:
             async with self.pool.acquire() as conn:
                 return await load_buildings(conn, area.area_id)
-        parsed = await self.overpass.fetch_buildings(self.session, lonlat_bounds(area.tile))
+        parsed = await self.labels.footprints(lonlat_bounds(area.tile))
         dropped = sum(parsed.dropped.values())
         async with self.pool.acquire() as conn:
-            await store_buildings(conn, area.area_id, parsed.footprints, dropped)
+            await store_buildings(conn, area.area_id, parsed.footprints, dropped, source=self.labels.name)
         return list(parsed.footprints)
 
     async def _process_job(self, job: ClaimedJob, footprints: list[Footprint], pending: dict) -> None:
@@ -225,10 +225,10 @@ class Worker:
 
     async def _store(self, job: ClaimedJob, sample: Sample, pending: dict) -> None:
         async with self.pool.acquire() as conn:
-            stored = await conn.fetchval(
-                self._sql["store_sample"], job.job_id, self.worker_id, *sample.bounds,
-                split_for(job.lon, job.lat), sample.image, sample.image_format, sample.mask_png,
-                sample.building_pixels, sample.building_count)
+            stored = await store_sample(
+                conn, job.job_id, self.worker_id, bounds=sample.bounds, split=split_for(job.lon, job.lat),
+                image=sample.image, image_format=sample.image_format, mask_png=sample.mask_png,
+                building_pixels=sample.building_pixels, building_count=sample.building_count)
         pending.pop(job.job_id, None)
         if stored is None:
             log.warning("job %d: lease lost before the sample was stored; another worker owns it now", job.job_id)

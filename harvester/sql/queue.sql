@@ -80,32 +80,6 @@ UPDATE jobs SET state = 'pending', attempts = greatest(attempts - 1, 0), worker 
     updated_at = now()
 WHERE job_id = ANY($1::bigint[]) AND worker = $2 AND state = 'in_progress';
 
--- name: store_sample
--- The sample and its job's new state in one statement: nothing is written unless this worker still holds the job.
-WITH job AS (
-    UPDATE jobs SET state = 'done', last_error = NULL, worker = NULL, lease_expires_at = NULL, updated_at = now()
-    WHERE job_id = $1 AND worker = $2 AND state = 'in_progress'
-    RETURNING job_id
-)
-INSERT INTO samples (sample_id, footprint, split, image, image_format, mask, building_pixels, building_count)
-SELECT job.job_id, ST_MakeEnvelope($3, $4, $5, $6, 4326), $7, $8, $9, $10, $11, $12 FROM job
-RETURNING sample_id;
-
--- name: store_buildings
--- Store the area's footprints and mark it fetched: one statement, so one transaction and one round trip. An area
--- is fetched only while fetched_at is NULL, and footprints exist only once it is set, so nothing is there to replace.
-WITH added AS (
-    INSERT INTO buildings (area_id, osm_type, osm_id, geom, tags)
-    SELECT $1, t.osm_type, t.osm_id, ST_Multi(ST_GeomFromWKB(t.wkb, 4326)), t.tags::jsonb
-    FROM unnest($2::text[], $3::bigint[], $4::bytea[], $5::text[]) AS t(osm_type, osm_id, wkb, tags)
-    ON CONFLICT (area_id, osm_type, osm_id) DO NOTHING
-)
-UPDATE areas SET fetched_at = now(), building_count = cardinality($3::bigint[]), dropped_count = $6
-WHERE area_id = $1;
-
--- name: select_buildings
-SELECT osm_type, osm_id, ST_AsBinary(geom) AS wkb FROM buildings WHERE area_id = $1 ORDER BY osm_type, osm_id;
-
 -- name: counts
 SELECT state::text AS state, zoom, count(*)::bigint AS n FROM jobs GROUP BY state, zoom;
 

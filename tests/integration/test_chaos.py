@@ -36,8 +36,8 @@ import shapely
 
 from harvester.config import load_settings
 from harvester.http import Upstream
-from harvester.osm import building_query, parse_buildings
-from harvester.overpass import OverpassClient
+from harvester.labels.osm import building_query, parse_buildings
+from harvester.labels.overpass import OverpassClient
 from harvester.rasterize import decode_mask_png
 from harvester.run import harvest
 from harvester.tiles import Tile, lonlat_bounds

@@ -14,7 +14,7 @@ from harvester.config import load_settings
 from harvester.errors import OverpassError, TileUnavailable, UpstreamError
 from harvester.http import Upstream
 from harvester.imagery import validate_tile
-from harvester.overpass import OverpassClient
+from harvester.labels.overpass import OverpassClient
 from harvester.providers import GoogleProvider, make_provider
 from harvester.tiles import Tile, lonlat_bounds, tile_at
 from tests.fakes.servers import FakeUpstreams

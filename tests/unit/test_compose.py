@@ -27,7 +27,7 @@ def test_compose_file_is_valid():
 
 def test_services_run_real_commands_in_order():
     services = _compose()["services"]
-    assert set(services) == {"db", "migrate", "harvester"}
+    assert set(services) == {"db", "migrate", "harvester", "import-osm"}
     for name in ("migrate", "harvester"):
         command = services[name]["command"]
         assert command[0] == "harvester"
@@ -50,3 +50,24 @@ def test_every_setting_passes_through_with_the_spec_default():
             continue  # inside compose the database is the `db` service, not localhost
         expected = f"${{{setting.env}:-{setting.default or ''}}}"
         assert env[setting.env] == expected, setting.env
+
+
+def test_import_osm_is_a_one_shot_service_under_a_profile(tmp_path):
+    service = _compose()["services"]["import-osm"]
+    assert service["profiles"] == ["import"] and service["restart"] == "no"
+    assert service["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    assert "./input:/input:ro" in service["volumes"]
+    shell, flag, script = service["command"]
+    assert (shell, flag) == ("sh", "-c") and "exec harvester import-osm" in script
+    build_parser().parse_args(["import-osm", "/input/france-latest.osm.pbf"])
+    # The script as the container's shell runs it (compose turns $$ into $), on an ./input with 0, 2 and 1 extracts.
+    script = script.replace("$$", "$").replace("/input/", f"{tmp_path}/").replace("exec harvester", "exec echo")
+    run = lambda: subprocess.run(["sh", "-c", script], capture_output=True, text=True)  # noqa: E731
+    result = run()
+    assert result.returncode == 2 and "exactly one .osm.pbf" in result.stderr
+    (tmp_path / "a.osm.pbf").write_bytes(b"x")
+    (tmp_path / "b.osm.pbf").write_bytes(b"x")
+    assert run().returncode == 2
+    (tmp_path / "b.osm.pbf").unlink()
+    result = run()
+    assert result.returncode == 0 and result.stdout.split() == ["import-osm", str(tmp_path / "a.osm.pbf")]

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from harvester.http import parse_retry_after
-from harvester.overpass import seconds_until_slot, status_url
+from harvester.labels.overpass import seconds_until_slot, status_url
 from harvester.splits import split_for, split_of_block
 from harvester.worker import backoff_delay
 

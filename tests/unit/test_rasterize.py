@@ -31,7 +31,7 @@ from rasterio.warp import transform as proj_transform
 from rasterio.warp import transform_geom
 from shapely.geometry import GeometryCollection, LineString, MultiPolygon, Point, Polygon, box, mapping, shape
 
-from harvester.osm import parse_buildings
+from harvester.labels.osm import parse_buildings
 from harvester.rasterize import (decode_instances_png, decode_mask_png, encode_instances_png, encode_mask_png,
                                  fill_polygons, rasterize, rasterize_instances)
 from harvester.tiles import EARTH_RADIUS_M, Tile, ancestor, lonlat_bounds, mercator_bounds, pixel_transform, tile_at, \

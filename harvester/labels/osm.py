@@ -7,6 +7,9 @@ References: Overpass QL, https://wiki.openstreetmap.org/wiki/Overpass_API/Overpa
 ``[maxsize:]``, bbox order south,west,north,east, ``out geom``); multipolygon relations,
 https://wiki.openstreetmap.org/wiki/Relation:multipolygon (ring assembly, roles, one hole per inner ring).
 
+The rule itself (:func:`skip_reason`, :func:`way_ring`, :func:`way_footprints`, :func:`relation_geometry`) works on
+plain (role, coordinates) inputs, so the extract import (:mod:`.pbf`) applies exactly the same rule to a ``.osm.pbf``.
+
 The answer is untrusted input: any field may be missing or of the wrong type. An unusable top level (not an object,
 no ``elements`` list, a ``runtime error`` remark) raises :class:`OverpassError`; a bad element or member is dropped
 and counted under a reason in :attr:`ParsedBuildings.dropped`, and the rest is kept.
@@ -17,18 +20,18 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon
 
-from .errors import OverpassError
+from ..errors import OverpassError
 
 log = logging.getLogger(__name__)
 
-_REPAIRED = "(repaired)"  # tallied with the drop reasons while parsing, but logged, not reported as dropped
+REPAIRED = "(repaired)"  # tallied with the drop reasons while parsing, but logged, not reported as dropped
 
 Coords = np.ndarray  # float64 (n, 2) of (lon, lat) degrees
 _LIMITS = np.array([180.0, 90.0])
@@ -62,9 +65,8 @@ def building_query(bounds: Sequence[float], timeout_s: int, maxsize_bytes: int) 
                          f"got {tuple(bounds)}")
     if int(timeout_s) <= 0 or int(maxsize_bytes) <= 0:
         raise ValueError(f"timeout ({timeout_s}) and maxsize ({maxsize_bytes}) must be positive")
-    # Outwards to the 1e-7 grid; the 1e-6 step slack keeps 48.852 (48.85199999... as a float) at 48.8520000.
-    bbox = ",".join(f"{v:.7f}" for v in (math.floor(south * 1e7 + 1e-6) / 1e7, math.floor(west * 1e7 + 1e-6) / 1e7,
-                                        math.ceil(north * 1e7 - 1e-6) / 1e7, math.ceil(east * 1e7 - 1e-6) / 1e7))
+    west, south, east, north = bounds_outwards((west, south, east, north))
+    bbox = ",".join(f"{v:.7f}" for v in (south, west, north, east))
     return (
         f"[out:json][timeout:{int(timeout_s)}][maxsize:{int(maxsize_bytes)}];\n"
         "(\n"
@@ -73,6 +75,28 @@ def building_query(bounds: Sequence[float], timeout_s: int, maxsize_bytes: int) 
         ");\n"
         "out geom;\n"
     )
+
+
+def bounds_outwards(bounds: Sequence[float]) -> tuple[float, float, float, float]:
+    """(west, south, east, north) rounded outwards to OSM's 1e-7 degree grid: the box both label sources search.
+
+    The 1e-6 step slack keeps 48.852 (48.85199999... as a float) at 48.8520000.
+    """
+    west, south, east, north = (float(v) for v in bounds)
+    return (math.floor(west * 1e7 + 1e-6) / 1e7, math.floor(south * 1e7 + 1e-6) / 1e7,
+            math.ceil(east * 1e7 - 1e-6) / 1e7, math.ceil(north * 1e7 - 1e-6) / 1e7)
+
+
+def skip_reason(kind: str, tags: Mapping[str, str]) -> str | None:
+    """Why an OSM way or relation with these tags is not a footprint (a drop reason), or None when it is one."""
+    building = tags.get("building")
+    if building is None:
+        return "not_building"
+    if building == "no":
+        return "building_no"
+    if kind == "relation" and tags.get("type") != "multipolygon":
+        return "relation_not_multipolygon"
+    return None
 
 
 def parse_buildings(payload: object) -> ParsedBuildings:
@@ -97,8 +121,8 @@ def parse_buildings(payload: object) -> ParsedBuildings:
             relations.append(parsed)
         elif parsed is not None:
             ways.append(parsed)
-    footprints = _way_footprints(ways, tally) + relations
-    repaired = tally.pop(_REPAIRED, 0)
+    footprints = way_footprints(ways, tally) + relations
+    repaired = tally.pop(REPAIRED, 0)
     # INFO only when something was dropped or repaired: one line per clean answer is noise at harvest rates.
     log.log(logging.INFO if tally or repaired else logging.DEBUG,
             "overpass answer: %d elements, %d footprints (%d repaired with make_valid), dropped %s",
@@ -122,23 +146,22 @@ def _parse_element(element: object, dropped: Counter[str]
     raw_tags = element.get("tags")
     tags = {k: v for k, v in raw_tags.items() if isinstance(k, str) and isinstance(v, str)} \
         if isinstance(raw_tags, dict) else {}
-    if "building" not in tags:
-        dropped["not_building"] += 1
-        return None
-    if tags["building"] == "no":
-        dropped["building_no"] += 1
+    reason = skip_reason(kind, tags)
+    if reason is not None:
+        dropped[reason] += 1
         return None
     if kind == "way":
-        ring = _way_ring(element.get("geometry"), dropped)
+        ring = way_ring(_coords(element.get("geometry")), dropped)
         return None if ring is None else (osm_id, tags, ring)
-    if tags.get("type") != "multipolygon":
-        dropped["relation_not_multipolygon"] += 1
+    members = element.get("members")
+    if not isinstance(members, list):
+        dropped["relation_no_members"] += 1
         return None
-    geometry = _relation_polygon(element.get("members"), dropped)
+    geometry = relation_geometry(_member_lines(members), dropped)
     return None if geometry is None else Footprint("relation", osm_id, geometry, tags)
 
 
-def _way_footprints(ways: list[tuple[int, dict[str, str], Coords]], dropped: Counter[str]) -> list[Footprint]:
+def way_footprints(ways: list[tuple[int, dict[str, str], Coords]], dropped: Counter[str]) -> list[Footprint]:
     """Polygons of all closed ways at once (shapely's array functions), each invalid one repaired on its own."""
     if not ways:
         return []
@@ -171,8 +194,8 @@ def _is_closed(coords: Coords) -> bool:
     return len(coords) >= 2 and coords[0, 0] == coords[-1, 0] and coords[0, 1] == coords[-1, 1]
 
 
-def _way_ring(geometry: object, dropped: Counter[str]) -> Coords | None:
-    coords = _coords(geometry)
+def way_ring(coords: Coords | None, dropped: Counter[str]) -> Coords | None:
+    """A building way's closed ring, or None (counted) when its geometry is missing, unclosed or degenerate."""
     if coords is None:
         dropped["way_missing_or_bad_geometry"] += 1
         return None
@@ -185,20 +208,21 @@ def _way_ring(geometry: object, dropped: Counter[str]) -> Coords | None:
     return coords
 
 
-def _relation_polygon(members: object, dropped: Counter[str]) -> Polygon | MultiPolygon | None:
-    if not isinstance(members, list):
-        dropped["relation_no_members"] += 1
-        return None
+def _member_lines(members: list) -> list[tuple[object, Coords | None]]:
+    """(role, coords or None) of an Overpass relation's way members; nodes and sub-relations are not rings."""
+    return [(m.get("role"), _coords(m.get("geometry"))) for m in members
+            if isinstance(m, dict) and m.get("type") == "way"]
+
+
+def relation_geometry(members: Sequence[tuple[object, Coords | None]], dropped: Counter[str]
+                      ) -> Polygon | MultiPolygon | None:
+    """A multipolygon relation's geometry from its way members' (role, coords or None when missing), or None."""
     lines: dict[str, list[Coords]] = {"outer": [], "inner": []}
-    for member in members:
-        if not isinstance(member, dict) or member.get("type") != "way":
-            continue  # nodes (labels, admin centres) and sub-relations are not rings
-        role = member.get("role")
+    for role, coords in members:
         role = "outer" if role == "" else role  # an empty role is an old-style outer (the wiki's advice)
         if role not in lines:
             dropped["relation_member_other_role"] += 1
             continue
-        coords = _coords(member.get("geometry"))
         if coords is None:
             dropped["relation_member_missing_geometry"] += 1
             continue
@@ -286,5 +310,5 @@ def _valid_polygonal(geometry: Polygon | MultiPolygon, dropped: Counter[str], ki
     if not polygons:
         dropped[f"{kind}_invalid_empty"] += 1
         return None
-    dropped[_REPAIRED] += 1
+    dropped[REPAIRED] += 1
     return polygons[0] if len(polygons) == 1 else MultiPolygon(polygons)

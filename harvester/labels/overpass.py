@@ -18,8 +18,8 @@ import time
 
 import aiohttp
 
-from .errors import OverpassError, UpstreamError
-from .http import Response, Upstream, http_error
+from ..errors import OverpassError, UpstreamError
+from ..http import Response, Upstream, http_error
 from .osm import ParsedBuildings, building_query, parse_buildings
 
 log = logging.getLogger(__name__)
