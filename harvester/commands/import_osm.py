@@ -12,13 +12,14 @@ import json
 import logging
 from pathlib import Path
 
-from .config import Settings, add_setting_flags
+from ..config import Settings, add_setting_flags
 
 log = logging.getLogger(__name__)
 
+HELP = "import the building footprints of an OSM extract (.osm.pbf)"
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("import-osm", help="import the building footprints of an OSM extract (.osm.pbf)")
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", type=Path, metavar="FILE.osm.pbf", help="the extract, e.g. Geofabrik's france-latest.osm.pbf")
     p.add_argument("--node-cache", metavar="STORAGE",
                    help="pyosmium node location storage (default: sparse_file_array in a temporary file; "
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
 
 
 async def main(args: argparse.Namespace, settings: Settings) -> int:
-    from .labels.extract import import_extract
+    from ..labels.extract import import_extract
 
     result = await import_extract(settings.database_url, args.file, node_cache=args.node_cache)
     rate = result.kept / result.seconds if result.seconds > 0 else 0.0
