@@ -1,5 +1,5 @@
 """The ``harvester`` command line: a dispatch over :mod:`harvester.commands`, one module per command (``migrate``,
-``run``, ``status``, ``export``, ``import-osm``, ``preview``).
+``run``, ``status``, ``export``, ``import-osm``, ``preview``, ``rebuild-instances``).
 
 Every setting comes from its environment variable, and its flag wins over it (see ``harvester.config``). A bad setting
 or input file prints one line naming it and exits with status 2; another failure of ours prints one line, exit 1.

@@ -22,11 +22,11 @@ _TILE_POLYGON = "ST_MakeEnvelope($1, $2, $3, $4, 4326)"
 
 
 async def store_sample(conn: asyncpg.Connection, job_id: int, worker: str, *, bounds: Sequence[float], split: str,
-                       image: bytes, image_format: str, mask_png: bytes, building_pixels: int,
+                       image: bytes, image_format: str, mask_png: bytes, instances_png: bytes, building_pixels: int,
                        building_count: int) -> int | None:
     """Store a harvested sample and mark its job done; None when ``worker`` no longer holds the job."""
     return await conn.fetchval(queries("store")["store_sample"], job_id, worker, *bounds, split, image, image_format,
-                               mask_png, building_pixels, building_count)
+                               mask_png, building_pixels, building_count, instances_png)
 
 
 async def store_buildings(conn: asyncpg.Connection, area_id: int, footprints: Sequence[Footprint],

@@ -18,6 +18,7 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -32,7 +33,7 @@ from .imagery import sniff_format, validate_tile
 from .labels import Footprint, LabelSource
 from .providers import TileProvider
 from .queue import ClaimedArea, ClaimedJob, claim_area, queries
-from .rasterize import encode_mask_png, rasterize
+from .rasterize import encode_instances_png, encode_mask_png, rasterize_instances
 from .splits import split_for
 from .store import load_buildings, store_buildings, store_sample
 from .tiles import Tile, lonlat_bounds
@@ -52,6 +53,7 @@ class Sample:
     image: bytes
     image_format: str
     mask_png: bytes
+    instances_png: bytes
     building_pixels: int
     building_count: int
     bounds: tuple[float, float, float, float]
@@ -60,11 +62,26 @@ class Sample:
 def build_sample(body: bytes, content_type: str, footprints: list[Footprint], tile: Tile) -> Sample:
     """Validate the tile and rasterize the footprints onto its grid (pure; runs in a worker thread)."""
     valid = validate_tile(body, content_type)
+    labels = tile_labels(footprints, tile)
+    return Sample(valid.data, valid.image_format, encode_mask_png(labels.instances), encode_instances_png(
+        labels.instances), int(np.count_nonzero(labels.instances)), labels.building_count, lonlat_bounds(tile))
+
+
+@dataclass(frozen=True)
+class TileLabels:
+    instances: np.ndarray  # uint16 (256, 256): 0 background, k the k-th footprint of the tile; nonzero = the mask
+    building_count: int  # footprints that intersect the tile
+
+
+def tile_labels(footprints: Sequence[Footprint], tile: Tile) -> TileLabels:
+    """The tile's instance map (its mask is where it is nonzero) from its area's footprints: those that intersect
+    the tile, numbered 1, 2, ... in (osm_type, osm_id) order, so that the same stored footprints always give the same
+    map (``harvester rebuild-instances`` relies on it)."""
     bounds = lonlat_bounds(tile)
     geoms = np.array([f.geometry for f in footprints], dtype=object)
-    hits = geoms[shapely.intersects(geoms, shapely.box(*bounds))] if len(geoms) else geoms
-    mask = rasterize(list(hits), tile)
-    return Sample(valid.data, valid.image_format, encode_mask_png(mask), int(mask.sum()), len(hits), bounds)
+    hits = np.flatnonzero(shapely.intersects(geoms, shapely.box(*bounds))) if len(geoms) else []
+    ordered = sorted(hits, key=lambda i: (footprints[i].osm_type, footprints[i].osm_id))
+    return TileLabels(rasterize_instances([footprints[i].geometry for i in ordered], tile), len(ordered))
 
 
 def backoff_delay(attempts: int, base: float, retry_after: float | None) -> float:
@@ -228,7 +245,7 @@ class Worker:
             stored = await store_sample(
                 conn, job.job_id, self.worker_id, bounds=sample.bounds, split=split_for(job.lon, job.lat),
                 image=sample.image, image_format=sample.image_format, mask_png=sample.mask_png,
-                building_pixels=sample.building_pixels, building_count=sample.building_count)
+                instances_png=sample.instances_png, building_pixels=sample.building_pixels, building_count=sample.building_count)
         pending.pop(job.job_id, None)
         if stored is None:
             log.warning("job %d: lease lost before the sample was stored; another worker owns it now", job.job_id)

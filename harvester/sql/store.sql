@@ -7,8 +7,9 @@ WITH job AS (
     WHERE job_id = $1 AND worker = $2 AND state = 'in_progress'
     RETURNING job_id
 )
-INSERT INTO samples (sample_id, footprint, split, image, image_format, mask, building_pixels, building_count)
-SELECT job.job_id, ST_MakeEnvelope($3, $4, $5, $6, 4326), $7, $8, $9, $10, $11, $12 FROM job
+INSERT INTO samples (sample_id, footprint, split, image, image_format, mask, building_pixels, building_count,
+                     instances)
+SELECT job.job_id, ST_MakeEnvelope($3, $4, $5, $6, 4326), $7, $8, $9, $10, $11, $12, $13 FROM job
 RETURNING sample_id;
 
 -- name: store_buildings
@@ -25,3 +26,19 @@ WHERE area_id = $1;
 
 -- name: select_buildings
 SELECT osm_type, osm_id, ST_AsBinary(geom) AS wkb FROM buildings WHERE area_id = $1 ORDER BY osm_type, osm_id;
+
+-- name: samples_without_instances
+-- Harvested samples without an instance map (stored before migration 0005), in sample_id order after $1. Samples of
+-- external data sets (their points' sampler_key starts with 'external:') have no footprints: never rebuilt.
+SELECT s.sample_id, j.zoom, j.tile_x, j.tile_y, j.area_id, s.mask
+FROM samples s
+JOIN jobs j ON j.job_id = s.sample_id
+JOIN sample_points p ON p.point_id = j.point_id
+WHERE s.instances IS NULL AND s.sample_id > $1 AND p.sampler_key NOT LIKE 'external:%'
+ORDER BY s.sample_id
+LIMIT $2;
+
+-- name: set_instances
+UPDATE samples s SET instances = t.png
+FROM unnest($1::bigint[], $2::bytea[]) AS t(sample_id, png)
+WHERE s.sample_id = t.sample_id AND s.instances IS NULL;

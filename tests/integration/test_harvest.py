@@ -77,3 +77,42 @@ async def _count(url: str, sql: str) -> int:
         return await conn.fetchval(sql)
     finally:
         await conn.close()
+
+
+def test_rebuild_instances_restores_the_harvested_maps(migrated_database_url, world):
+    """Samples stored before migration 0005 (instances NULL) get the same maps back from their stored footprints;
+    an external data set's sample (no footprints) stays NULL."""
+    from harvester.cli import main
+    from harvester.store import insert_external_sample
+
+    with FakeUpstreams(world) as up:
+        asyncio.run(harvest(settings_for(migrated_database_url, up, HARVESTER_SAMPLES="12")))
+
+    async def forget_instances():
+        conn = await asyncpg.connect(migrated_database_url)
+        try:
+            harvested = dict(await conn.fetch("SELECT sample_id, instances FROM samples"))
+            external = await insert_external_sample(
+                conn, provider="dubai", zoom=18, tile_x=1, tile_y=2, lon=0.0, lat=0.0, image=b"\xff\xd8\xff",
+                image_format="jpeg", mask_png=b"", building_pixels=0, building_count=0)
+            await conn.execute("UPDATE samples SET instances = NULL")
+            return harvested, external
+        finally:
+            await conn.close()
+
+    harvested, external = asyncio.run(forget_instances())
+    assert len(harvested) > 20 and all(v is not None for v in harvested.values())
+    assert main(["rebuild-instances", "--batch-size", "7", "--database-url", migrated_database_url]) == 0
+    rebuilt = dict(asyncio.run(_fetch_pairs(migrated_database_url)))
+    assert rebuilt.pop(external) is None
+    assert rebuilt == harvested  # byte for byte: the same footprints, the same order, the same encoder
+    assert main(["rebuild-instances", "--database-url", migrated_database_url]) == 0  # nothing left: no change
+    assert dict(asyncio.run(_fetch_pairs(migrated_database_url))) == {**harvested, external: None}
+
+
+async def _fetch_pairs(url: str):
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch("SELECT sample_id, instances FROM samples")
+    finally:
+        await conn.close()
