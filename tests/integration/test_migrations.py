@@ -37,7 +37,7 @@ def test_migrate_empty_database_twice(empty_database_url):
         "sample_id": "bigint", "provider": "text", "zoom": "integer", "tile_x": "integer", "tile_y": "integer",
         "lon": "double precision", "lat": "double precision", "footprint": "USER-DEFINED", "split": "text",
         "image": "bytea", "image_format": "text", "mask": "bytea", "building_pixels": "integer",
-        "building_count": "integer", "harvested_at": "timestamp with time zone",
+        "building_count": "integer", "harvested_at": "timestamp with time zone", "instances": "bytea",
     }
     assert {"sample_points_geom_idx", "areas_bounds_idx", "buildings_geom_idx", "samples_footprint_idx"} <= gist
     assert footprint_type == "POLYGON,4326"
