@@ -187,6 +187,9 @@ def test_training_writes_checkpoints_config_and_metrics(trained):
     val = [r for r in records if r["kind"] == "val"]
     assert [r["step"] for r in val] == [2, 4] and all(r["samples"] == 3 for r in val)
     assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+    train = [r for r in records if r["kind"] == "train"]
+    assert all(r["samples_per_s"] > 0 and 0 <= r["data_wait_fraction"] <= 1 for r in train)
+    assert all("mfu" not in r for r in train)  # no known peak on CPU: no MFU rather than a made-up one
 
 
 def test_resume_continues_at_the_right_step_with_the_same_data_order(trained, tmp_path):
