@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test", help="(default test)")
     evaluate.add_argument("--zooms", type=_zooms, help="comma-separated zoom levels (default: all)")
     evaluate.add_argument("--batch-size", type=_positive_int, help="samples per batch (default 16)")
-    evaluate.add_argument("--decode-workers", type=_positive_int, default=2, help="image decoding threads "
+    evaluate.add_argument("--decode-workers", type=_positive_int, default=2, help="image decoding worker processes "
                           "(default 2)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
