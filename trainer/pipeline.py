@@ -191,6 +191,8 @@ class WorkerPool:
                 self._done[index] = Chunk(index, slot, ids, zooms, reasons)
 
     def _died(self, worker: int) -> DataError:
+        if self.closed:  # close() from another thread stopped it
+            return DataError("the sample stream was closed while an epoch was being read")
         process = self._procs[worker]
         try:
             code: object = process.wait(_CLOSE_TIMEOUT_S)
