@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=GPU_DATA / "dubai-aerial", help="the dubai-aerial folder")
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     parser.add_argument("--quick", action="store_true", help="toy sizes: proves the script on a CPU")
-    parser.add_argument("--train-steps", type=int, help="steps of the short training (default 400; quick 6)")
+    parser.add_argument("--train-steps", type=int, help="steps of the short training (default 300; quick 6)")
     args = parser.parse_args(argv)
     if args.prepare:
         data = args.data if args.data.is_dir() and args.data != GPU_DATA / "dubai-aerial" else (
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         bases, depth, steps, folders, workers, samples = [32, 64], 4, 20, None, [2, 8, 16], 4000
         batches = {b: [resolve_batch_size("auto", b) // 2, resolve_batch_size("auto", b)] for b in bases}
-        train = (32, 4, resolve_batch_size("auto", 32), args.train_steps or 400)
+        train = (32, 4, resolve_batch_size("auto", 32), args.train_steps or 300)
     admin = start_postgres(root)
     loader_url, dubai_url = load_dubai(admin, args.data, folders)
     print(f"postgres up, dubai loaded: {time.perf_counter() - started:.0f} s", flush=True)
