@@ -23,10 +23,12 @@ import asyncio
 import logging
 import mmap
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,7 +250,11 @@ def _check_shared_memory(size: int) -> None:
 
 
 def worker_main(database_url: str, fd: str, shm_name: str, slots: str, chunk_rows: str, parent_pid: str) -> None:
-    """A decode worker: serve tasks from the socket ``fd`` until told to stop or the parent process is gone."""
+    """A decode worker: serve tasks from the socket ``fd`` until told to stop or the parent process is gone.
+
+    Two threads: one receives tasks and fetches their rows, one chunk ahead, while this one decodes the previous chunk
+    (simplejpeg and Pillow release the GIL), so the round trip to PostgreSQL is hidden behind decoding.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     pipe = connection.Connection(int(fd))
     slots, chunk_rows, parent_pid = int(slots), int(chunk_rows), int(parent_pid)
@@ -257,17 +263,44 @@ def worker_main(database_url: str, fd: str, shm_name: str, slots: str, chunk_row
     with open(f"/dev/shm/{shm_name.lstrip('/')}", "r+b") as file:
         shm = mmap.mmap(file.fileno(), shared_bytes(slots, chunk_rows))
     images, masks = _slot_arrays(shm, slots, chunk_rows)
+    fetched: queue.Queue[tuple | None] = queue.Queue(maxsize=1)
+    fetcher = threading.Thread(target=_fetch_ahead, args=(database_url, pipe, fetched, parent_pid), daemon=True)
+    fetcher.start()
+    try:
+        while (item := fetched.get()) is not None:
+            generation, index, slot, ids, rows, error = item
+            if error is None:
+                try:
+                    zooms, reasons = decode_rows(rows, ids, images[slot], masks[slot])
+                    answer = (generation, index, ids, zooms, reasons, None)
+                except Exception as exc:  # noqa: BLE001 - handed over, raised again in the consumer's process
+                    error = _picklable(exc)
+            if error is not None:
+                answer = (generation, index, ids, None, None, error)
+            del rows, item
+            try:
+                pipe.send(answer)
+            except (OSError, ValueError):
+                return
+    finally:
+        del images, masks
+        shm.close()
+        pipe.close()  # the fetcher, if still waiting on it, wakes up and leaves
+
+
+def _fetch_ahead(database_url: str, pipe: connection.Connection, fetched: queue.Queue, parent_pid: int) -> None:
+    """The worker's receiving thread: ``(generation, index, slot, ids, rows, error)`` per task; ``None`` at the end."""
     loop = asyncio.new_event_loop()
     db: asyncpg.Connection | None = None
     try:
         while True:
-            if not pipe.poll(_PARENT_CHECK_S):
-                if os.getppid() != parent_pid:
-                    return
-                continue
             try:
+                if not pipe.poll(_PARENT_CHECK_S):
+                    if os.getppid() != parent_pid:
+                        return
+                    continue
                 task = pipe.recv()
-            except EOFError:
+            except (EOFError, OSError):
                 return
             if task is None:
                 return
@@ -275,25 +308,18 @@ def worker_main(database_url: str, fd: str, shm_name: str, slots: str, chunk_row
             try:
                 if db is None:
                     db = loop.run_until_complete(connect(database_url))
-                rows = loop.run_until_complete(db.fetch(_ROWS_SQL, ids.tolist()))
-                zooms, reasons = decode_rows(rows, ids, images[slot], masks[slot])
-                answer = (generation, index, ids, zooms, reasons, None)
+                rows, error = loop.run_until_complete(db.fetch(_ROWS_SQL, ids.tolist())), None
             except Exception as exc:  # noqa: BLE001 - handed over, raised again in the consumer's process
                 if db is not None:
                     loop.run_until_complete(close(db))
                     db = None
-                answer = (generation, index, ids, None, None, _picklable(exc))
-            try:
-                pipe.send(answer)
-            except (OSError, ValueError):
-                return
+                rows, error = None, _picklable(exc)
+            fetched.put((generation, index, slot, ids, rows, error))
     finally:
-        del images, masks
+        fetched.put(None)
         if db is not None:
             loop.run_until_complete(close(db))
         loop.close()
-        shm.close()
-        pipe.close()
 
 
 def decode_rows(rows: list[Any], ids: np.ndarray, images: np.ndarray, masks: np.ndarray
