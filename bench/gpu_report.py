@@ -70,7 +70,10 @@ def prepare(python_version: str, data: Path) -> int:
 
 def install_carried_wheels() -> None:
     """Install .whl/*.whl into SITE when some package is missing; put SITE on the path (ours and the workers')."""
-    if WHEELS.is_dir() and any(WHEELS.glob("*.whl")):
+    import importlib.util
+
+    missing = [name for name in CARRIED if importlib.util.find_spec(name.replace("-", "_")) is None]
+    if missing and WHEELS.is_dir() and any(WHEELS.glob("*.whl")):
         if not SITE.exists():
             subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                             "--no-cache-dir", "--target", str(SITE), *map(str, sorted(WHEELS.glob("*.whl")))],
