@@ -2,13 +2,17 @@
 
 Real JPEG tiles: the dubai-aerial crops (``shared/data/dubai-aerial``, about 1,300 of 256 x 256, JPEG quality 95)
 loaded into a temporary database that the bench creates and drops (or ``--database-url`` of an existing one, read
-only). It prints, in one run, :class:`trainer.data.SampleStream` at batch 32 and 64 with 1, 2 and 4 decode workers,
-and a baseline: a plain single-threaded loop (fetch a chunk of rows, decode each image and mask with Pillow, stack),
-with the ratio of each to the baseline.
+only). It prints, in one run, :class:`trainer.data.SampleStream` at ``--batch-size`` with each of ``--workers`` worker
+processes, the same with a thread of this process holding the GIL about half the time (``+GIL``, as a training
+loop's Python dispatch does), and a baseline: a plain single-threaded loop (fetch a chunk of rows, decode each image
+and mask with Pillow, stack). Measurements alternate over ``--rounds`` rounds (the median is kept: this machine's
+other work comes and goes); the targets are ratios within the run: loader / baseline >= 2 and loader+GIL / loader
+>= 0.8 (2 workers).
 
-    python bench/bench_loader.py [--database-url URL] [--admin-url URL] [--data DIR] [--samples N] [--json]
+    python bench/bench_loader.py [--database-url URL] [--admin-url URL] [--data DIR] [--samples N] [--workers 1 2]
+                                 [--rounds 3] [--json]
 
-``loader_samples_per_s`` and ``baseline_samples_per_s`` are importable, for reports that add other stages.
+``measure_baseline`` and ``bench_database`` are importable, for reports that add other stages.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +35,13 @@ import asyncpg
 import numpy as np
 from PIL import Image
 
-from tests.databases import ADMIN_URL, TempDatabase
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere; the project's modules are imported where used
+if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere: before importing the project's modules
     sys.path.insert(0, str(REPO_ROOT))
+
+from tests.databases import ADMIN_URL, TempDatabase  # noqa: E402
+from trainer.benchmark import LoaderMeasure as Measure  # noqa: E402
+from trainer.benchmark import measure_loader  # noqa: E402
 
 log = logging.getLogger("bench.loader")
 
@@ -45,48 +50,8 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "dubai-aerial"
 SPLIT = "train"  # the bench database puts every sample in it, so one epoch reads them all
 
 
-@dataclass(frozen=True)
-class Measure:
-    samples_per_s: float  # wall clock
-    cpu_ms_per_sample: float  # CPU time of this process (every thread), not counting the PostgreSQL server's
-
-
-def measure_loader(database_url: str, batch_size: int, workers: int, *, samples: int = 4000,
-                   prefetch: int = 4) -> Measure:
-    """:class:`SampleStream` (split ``train``, shuffled) over at least ``samples`` samples.
-
-    Epochs follow one another as in training, so their start-up (thread, connection, first fetch) is counted.
-    One untimed batch first warms PostgreSQL's cache and the decoders.
-    """
-    from trainer.data import SampleStream
-
-    with SampleStream(database_url, SPLIT, None, batch_size, decode_workers=workers, prefetch=prefetch) as stream:
-        if stream.num_batches() == 0:
-            raise SystemExit(f"the bench database holds fewer than {batch_size} samples in split {SPLIT!r}")
-        for _ in stream.epoch(10_000):
-            break
-        seen, epoch = 0, 0
-        start, cpu = time.perf_counter(), time.process_time()
-        while seen < samples:
-            for batch in stream.epoch(epoch):
-                seen += int(batch.valid.sum())
-            epoch += 1
-        return Measure(seen / (time.perf_counter() - start), (time.process_time() - cpu) / seen * 1e3)
-
-
-def loader_samples_per_s(database_url: str, batch_size: int, workers: int, *, samples: int = 4000,
-                         prefetch: int = 4) -> float:
-    """Samples/s of :class:`SampleStream` (see :func:`measure_loader`)."""
-    return measure_loader(database_url, batch_size, workers, samples=samples, prefetch=prefetch).samples_per_s
-
-
-def baseline_samples_per_s(database_url: str, batch_size: int, *, samples: int = 2000) -> float:
-    """Samples/s of the plain way: one thread fetches ``batch_size`` rows, decodes them with Pillow, stacks them."""
-    return measure_baseline(database_url, batch_size, samples=samples).samples_per_s
-
-
 def measure_baseline(database_url: str, batch_size: int, *, samples: int = 2000) -> Measure:
-    """See :func:`baseline_samples_per_s`."""
+    """Samples/s of the plain way: one thread fetches ``batch_size`` rows, decodes them with Pillow, stacks them."""
     async def run() -> Measure:
         conn = await asyncpg.connect(database_url)
         try:
@@ -161,48 +126,47 @@ def bench_database(admin_url: str, data: Path) -> Iterator[str]:
         yield url
 
 
-def run_bench(database_url: str, samples: int) -> dict[str, Any]:
-    """Every configuration of the report, measured on ``database_url``."""
-    results: dict[str, Any] = {"cpus": os.cpu_count(), "load_average_before": os.getloadavg()[0], "rows": []}
-    for batch_size in (32, 64):
-        baseline = measure_baseline(database_url, batch_size, samples=samples // 2)
-        results["rows"].append({"batch_size": batch_size, "workers": "baseline", **dataclasses.asdict(baseline),
-                                "ratio_to_baseline": 1.0})
-        for workers in (1, 2, 4):
-            loader = measure_loader(database_url, batch_size, workers, samples=samples)
-            results["rows"].append({"batch_size": batch_size, "workers": workers, **dataclasses.asdict(loader),
-                                    "ratio_to_baseline": loader.samples_per_s / baseline.samples_per_s})
+def run_bench(database_url: str, samples: int, batch_size: int = 32, workers: tuple[int, ...] = (1, 2),
+              rounds: int = 3) -> dict[str, Any]:
+    """Every configuration of the report, measured on ``database_url``, alternating over ``rounds`` rounds."""
+    results: dict[str, Any] = {"cpus": os.cpu_count(), "load_average_before": os.getloadavg()[0],
+                               "batch_size": batch_size, "rounds": rounds}
+    configs: list[tuple[str, Any]] = [("baseline", None)]
+    configs += [(str(w), (w, False)) for w in workers] + [(f"{w}+GIL", (w, True)) for w in workers]
+    runs: dict[str, list[Measure]] = {name: [] for name, _ in configs}
+    for _ in range(rounds):
+        for name, config in configs:
+            if config is None:
+                runs[name].append(measure_baseline(database_url, batch_size, samples=samples // 2))
+            else:
+                w, hog = config
+                runs[name].append(measure_loader(database_url, batch_size, w, samples=samples, gil_hog=hog))
+    median = {name: sorted(m, key=lambda x: x.samples_per_s)[len(m) // 2] for name, m in runs.items()}
+    base = median["baseline"].samples_per_s
+    results["rows"] = [{"workers": name, **dataclasses.asdict(m), "all_samples_per_s": [x.samples_per_s for x in
+                        runs[name]], "ratio_to_baseline": m.samples_per_s / base} for name, m in median.items()]
+    for w in workers:
+        results[f"gil_ratio_{w}"] = median[f"{w}+GIL"].samples_per_s / median[str(w)].samples_per_s
     results["load_average_after"] = os.getloadavg()[0]
-    # This machine's other work competes for its cores; CPU time does not depend on it. The estimate is what the
-    # loader would do with every core to itself: cores / (client + server CPU time per sample).
-    server = server_cpu_ms_per_sample(database_url)
-    results["server_cpu_ms_per_sample"] = server
-    if server is not None:
-        for row in results["rows"]:
-            if row["workers"] == "baseline":  # sequential: the client waits while the server works
-                row["estimated_idle_samples_per_s"] = 1e3 / (row["cpu_ms_per_sample"] + server)
-            elif row["workers"] >= 2:  # enough threads (and the server's process) to keep every core busy
-                row["estimated_idle_samples_per_s"] = results["cpus"] * 1e3 / (row["cpu_ms_per_sample"] + server)
+    results["server_cpu_ms_per_sample"] = server_cpu_ms_per_sample(database_url)
     return results
 
 
 def _print_report(results: dict[str, Any]) -> None:
-    print(f"loader samples/s from PostgreSQL (dubai-aerial JPEG 256x256 crops; {results['cpus']} CPUs;"
-          f" 1-min load average {results['load_average_before']:.1f} before,"
-          f" {results['load_average_after']:.1f} after)")
-    server = results["server_cpu_ms_per_sample"]
-    print(f"{'batch':>5} {'workers':>8} {'samples/s':>10} {'x baseline':>10} {'CPU ms/sample':>14}"
-          f" {'idle-core estimate':>19}")
+    print(f"loader samples/s from PostgreSQL (dubai-aerial JPEG 256x256 crops; batch {results['batch_size']};"
+          f" {results['cpus']} CPUs; 1-min load average {results['load_average_before']:.1f} before,"
+          f" {results['load_average_after']:.1f} after; median of {results['rounds']} alternating rounds)")
+    print(f"{'workers':>8} {'samples/s':>10} {'x baseline':>10} {'CPU ms/sample':>14}  rounds")
     for row in results["rows"]:
-        note = "   (one thread: fetch + Pillow decode + stack)" if row["workers"] == "baseline" else ""
-        estimate = row.get("estimated_idle_samples_per_s")
-        print(f"{row['batch_size']:>5} {row['workers']:>8} {row['samples_per_s']:>10.0f}"
-              f" {row['ratio_to_baseline']:>10.2f} {row['cpu_ms_per_sample']:>14.2f}"
-              f" {'' if estimate is None else f'{estimate:.0f}':>19}{note}")
-    if server is not None:
-        print(f"PostgreSQL backend CPU: {server:.2f} ms/sample. Idle-core estimate (what the run would give with the"
-              f" machine to itself): {results['cpus']} cores x 1000 / (CPU ms/sample + backend ms/sample) for 2+"
-              " workers; 1000 / (the same) for the sequential baseline.")
+        note = "  (one thread: fetch + Pillow decode + stack)" if row["workers"] == "baseline" else ""
+        print(f"{row['workers']:>8} {row['samples_per_s']:>10.0f} {row['ratio_to_baseline']:>10.2f}"
+              f" {row['cpu_ms_per_sample']:>14.2f}  {' '.join(f'{x:.0f}' for x in row['all_samples_per_s'])}{note}")
+    for key, value in results.items():
+        if key.startswith("gil_ratio_"):
+            print(f"{key.removeprefix('gil_ratio_')} workers with a thread holding the GIL half the time:"
+                  f" {value:.2f} of their speed without it (target >= 0.8)")
+    print("CPU ms/sample: this process only (workers and PostgreSQL not counted). PostgreSQL backend CPU:"
+          f" {results['server_cpu_ms_per_sample'] or float('nan'):.2f} ms/sample. Target: 2 workers >= 2x baseline.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,19 +174,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", help="an existing database with samples in split train (not modified)")
     parser.add_argument("--admin-url", default=DEFAULT_ADMIN_URL, help="where to create the temporary database")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the dubai-aerial folder")
-    parser.add_argument("--samples", type=int, default=4000, help="samples per measurement")
+    parser.add_argument("--samples", type=int, default=2000, help="samples per measurement")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker processes to measure")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (the median is kept)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("trainer").setLevel(logging.WARNING)
     if args.database_url:
-        results = run_bench(args.database_url, args.samples)
+        results = run_bench(args.database_url, args.samples, args.batch_size, tuple(args.workers), args.rounds)
     else:
         if not args.data.is_dir():
             print(f"error: {args.data} not found: pass --data or --database-url", file=sys.stderr)
             return 2
         with bench_database(args.admin_url, args.data) as url:
-            results = run_bench(url, args.samples)
+            results = run_bench(url, args.samples, args.batch_size, tuple(args.workers), args.rounds)
     if args.json:
         print(json.dumps(results))
     else:

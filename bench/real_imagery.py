@@ -12,7 +12,7 @@ a small U-Net for a bounded time, evaluate it on ``test`` and print one line of 
   ``tilesmith_real_kampala``.
 
 The training budget is turned into ``trainer train --steps N``: a few train steps of the same model are timed first
-(``bench/bench_train.py``) and N = budget / step time. The database is created fresh (dropped first if left over) and
+(``trainer benchmark``) and N = budget / step time. The database is created fresh (dropped first if left over) and
 dropped at the end unless ``--keep``; the work directory is a temporary one unless ``--workdir``.
 """
 
@@ -87,10 +87,10 @@ def baselines(building_share: float) -> dict[str, float]:
 
 
 def calibrate_step_s(base_filters: int, depth: int, batch_size: int, steps: int = 3) -> float:
-    """Seconds per train step of this model on this backend (``bench/bench_train.py``; after compile and warm-up)."""
-    from bench.bench_train import benchmark
+    """Seconds per train step of this model on this backend (``trainer benchmark``; after compile and warm-up)."""
+    from trainer.benchmark import step_benchmark
 
-    return benchmark(base_filters, batch_size, steps, depth=depth)["step_s"]
+    return step_benchmark(base_filters, batch_size, steps, depth=depth)["step_s"]
 
 
 def _trainer(*args: str, url: str) -> subprocess.CompletedProcess:

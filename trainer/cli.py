@@ -16,7 +16,9 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_DATABASE_URL, DEFAULT_EPOCHS, check_database_url, parse_zooms, redact_url
+from .config import (DEFAULT_DATABASE_URL, DEFAULT_DECODE_WORKERS, DEFAULT_EPOCHS, check_database_url, parse_zooms,
+                     redact_url, resolve_batch_size)
+from . import compile_cache
 from .errors import ConfigError, TrainerError
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
+BATCH_SIZE_HELP = ("samples per step, a multiple of the device count, or auto (default): 16 on CPU; on GPU by device "
+                   "memory and width, 128 per device on an 80 GiB card at base 32")
+
+
+def _batch_size(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else _positive_int(text)
+
+
 def _zooms(text: str) -> tuple[int, ...]:
     try:
         return parse_zooms(text)
@@ -75,9 +85,14 @@ def _zooms(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="trainer", description="Train, evaluate and apply a U-Net for building segmentation.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,benchmark}")
+
+    def cache_flag(sub):
+        sub.add_argument("--compilation-cache", metavar="DIR|off", help="persistent XLA compilation cache; env "
+                         f"{compile_cache.ENV} (default {compile_cache.default_dir()})")
 
     def common(sub, database: bool = True):
+        cache_flag(sub)
         sub.add_argument("--workdir", required=True, type=Path, help="directory of checkpoints, config.json, "
                          "metrics.jsonl")
         if database:
@@ -90,8 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, help="optimizer steps in all")
     length.add_argument("--epochs", type=_positive_int, help=f"passes over 'train' (default {DEFAULT_EPOCHS})")
-    train.add_argument("--batch-size", type=_positive_int, default=16, help="samples per step, a multiple of the "
-                       "device count (default 16)")
+    train.add_argument("--batch-size", type=_batch_size, default="auto", help=BATCH_SIZE_HELP)
     train.add_argument("--base-filters", type=_positive_int, default=32, help="U-Net width (default 32; 64 = paper)")
     train.add_argument("--depth", type=_positive_int, default=4, help="U-Net downsamplings (default 4)")
     train.add_argument("--lr", type=_positive_float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
@@ -102,14 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                        help="activation dtype (default auto: bfloat16 on GPU, float32 on CPU)")
     train.add_argument("--no-augment", dest="augment", action="store_false", help="no flips/rotations/jitter")
-    train.add_argument("--decode-workers", type=_positive_int, default=2, help="image decoding threads (default 2)")
+    train.add_argument("--decode-workers", type=_positive_int, default=DEFAULT_DECODE_WORKERS,
+                       help=f"worker processes fetching and decoding images (default {DEFAULT_DECODE_WORKERS}: the "
+                       "CPU count, at most 16)")
 
     evaluate = commands.add_parser("evaluate", help="metrics of the best checkpoint over every sample of a split")
     common(evaluate)
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test", help="(default test)")
     evaluate.add_argument("--zooms", type=_zooms, help="comma-separated zoom levels (default: all)")
     evaluate.add_argument("--batch-size", type=_positive_int, help="samples per batch (default 16)")
-    evaluate.add_argument("--decode-workers", type=_positive_int, default=2, help="image decoding threads "
+    evaluate.add_argument("--decode-workers", type=_positive_int, default=2, help="image decoding worker processes "
                           "(default 2)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     evaluate.add_argument("--report", type=Path, metavar="OUT", help="also write OUT/index.html: metrics, curves, "
@@ -126,6 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True, help="mask PNG to write (0 background, 255 building)")
     predict.add_argument("--geojson", type=Path, help="GeoJSON of the building polygons (EPSG:4326) to write")
     predict.add_argument("--overlay", type=Path, help="PNG to write: the input tile, predicted buildings outlined")
+
+    bench = commands.add_parser("benchmark", help="train-step speed (images/s, TFLOP/s, MFU) and input-pipeline speed")
+    cache_flag(bench)
+    bench.add_argument("--database-url", metavar="URL", help="--loader: PostgreSQL URL of the dataset view; env "
+                       f"DATABASE_URL (default {DEFAULT_DATABASE_URL})")
+    bench.add_argument("--base-filters", type=_positive_int, nargs="+", default=[32], help="U-Net widths (default 32)")
+    bench.add_argument("--depth", type=_positive_int, default=4, help="U-Net downsamplings (default 4)")
+    bench.add_argument("--batch-size", type=_batch_size, default="auto", help=BATCH_SIZE_HELP)
+    bench.add_argument("--steps", type=_positive_int, default=10, help="timed steps after one warm-up (default 10)")
+    bench.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                       help="activation dtype (default auto: bfloat16 on GPU, float32 on CPU)")
+    bench.add_argument("--peak-tflops", type=_positive_float, help="dense peak TFLOP/s of one device, for MFU "
+                       "(default: from the device kind; H100/H200 989; unknown on CPU)")
+    bench.add_argument("--loader", action="store_true", help="also time the input pipeline over split 'train' of "
+                       "the database, and the ratio loader / step")
+    bench.add_argument("--decode-workers", type=_positive_int, default=DEFAULT_DECODE_WORKERS,
+                       help=f"--loader: decode worker processes (default {DEFAULT_DECODE_WORKERS})")
+    bench.add_argument("--loader-samples", type=_positive_int, default=2000, help="--loader: samples to time "
+                       "(default 2000)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object per model instead of a table")
     return parser
 
 
@@ -143,37 +179,21 @@ def _setup_logging() -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax logs every save and read-only open through absl
 
 
-def _enable_compilation_cache() -> None:
-    """Reuse compiled XLA programs across runs (compiling the U-Net takes tens of seconds on a CPU).
-
-    JAX's own ``JAX_COMPILATION_CACHE_DIR`` wins; the default is ``$XDG_CACHE_HOME/tilesmith/jax``.
-    """
-    import jax
-
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tilesmith" / "jax"
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return  # a read-only home: compile every time
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-
-
 def _train(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .train import train_and_evaluate
 
     epochs = args.epochs if args.epochs is not None or args.steps is not None else DEFAULT_EPOCHS
+    url = _database_url(args)
+    compile_cache.enable(args.compilation_cache)
     config = TrainConfig(
-        database_url=_database_url(args), zooms=args.zooms, steps=args.steps, epochs=epochs,
-        batch_size=args.batch_size, base_filters=args.base_filters, depth=args.depth, learning_rate=args.lr,
+        database_url=url, zooms=args.zooms, steps=args.steps, epochs=epochs,
+        batch_size=resolve_batch_size(args.batch_size, args.base_filters), base_filters=args.base_filters, depth=args.depth, learning_rate=args.lr,
         seed=args.seed, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         compute_dtype=args.compute_dtype, augment=args.augment, decode_workers=args.decode_workers,
     )
     if config.seed < 0:
         raise ConfigError(f"--seed: must be >= 0, got {config.seed}")
-    _enable_compilation_cache()
     summary = train_and_evaluate(config, args.workdir)
     best = summary["best_val_iou"]
     log.info("done: step %d of %d, best val IoU %s, checkpoints in %s", summary["step"], summary["total_steps"],
@@ -185,7 +205,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_table
 
     url = _database_url(args)
-    _enable_compilation_cache()
+    compile_cache.enable(args.compilation_cache)
     run, options = evaluate, {}
     if args.report is not None:  # the same metrics, and the report written
         from .report import evaluate_with_report as run
@@ -204,7 +224,7 @@ def _predict(args: argparse.Namespace) -> int:
         raise ConfigError("--lon: needs --lat and --zoom too")
     if args.image is not None and (args.lat is not None or args.zoom is not None):
         raise ConfigError("--lat/--zoom: only with --lon (not with --image)")
-    _enable_compilation_cache()
+    compile_cache.enable(args.compilation_cache)
     summary = predict(args.workdir, args.out, image=args.image, tile=args.tile, lon=args.lon, lat=args.lat,
                       zoom=args.zoom, geojson=args.geojson, overlay=args.overlay)
     written = [str(p) for p in (args.geojson, args.overlay) if p is not None]
@@ -212,10 +232,28 @@ def _predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import format_row, measure_loader, step_benchmark
+
+    url = _database_url(args) if args.loader else None
+    compile_cache.enable(args.compilation_cache)
+    loader = None
+    if url is not None:
+        loader = measure_loader(url, resolve_batch_size(args.batch_size, min(args.base_filters)), args.decode_workers, samples=args.loader_samples).samples_per_s
+    for base in args.base_filters:
+        batch_size = resolve_batch_size(args.batch_size, base)
+        row = step_benchmark(base, batch_size, args.steps, depth=args.depth, compute_dtype=args.compute_dtype,
+                             peak_tflops=args.peak_tflops)
+        if loader is not None:
+            row.update(loader_samples_per_s=loader, loader_to_step=loader / row["images_per_s"])
+        print(json.dumps(row, sort_keys=True) if args.json else format_row(row), flush=True)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
-    handler = {"train": _train, "evaluate": _evaluate, "predict": _predict}[args.command]
+    handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "benchmark": _benchmark}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:
@@ -227,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"trainer {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        compile_cache.log_summary()
 
 
 def _safe(exc: BaseException) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,9 @@ DEFAULT_EPOCHS = 20
 TILE_SIZE = 256  # pixels; every sample of the `dataset` view is a 256x256 slippy-map tile
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 MAX_ZOOM = 22
+CPU_BATCH_SIZE = 16  # `--batch-size auto` on CPU (and the default of TrainConfig)
+MAX_AUTO_BATCH_PER_DEVICE = 128
+DEFAULT_DECODE_WORKERS = min(16, os.cpu_count() or 2)  # decode worker processes of the input pipeline
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class TrainConfig:
     steps: int | None = None
     epochs: int | None = None
     # Samples per optimizer step, over all devices; must be a multiple of the local device count (data parallel).
-    batch_size: int = 16
+    batch_size: int = CPU_BATCH_SIZE
     # Width of the U-Net: filters of the first level, doubled at each downsampling (64 = the paper's width).
     base_filters: int = 32
     # Number of 2x downsamplings of the U-Net (the paper has 4); 2**depth must divide the 256-pixel tile.
@@ -62,8 +66,8 @@ class TrainConfig:
     log_every: int = 25
     # Compute dtype of the network: "auto" = bfloat16 on GPU/TPU, float32 on CPU. Parameters are always float32.
     compute_dtype: str = "auto"
-    # Threads decoding JPEG/PNG in the input pipeline, and batches decoded ahead of the training step.
-    decode_workers: int = 2
+    # Worker processes fetching and decoding JPEG/PNG in the input pipeline, and batches decoded ahead of the step.
+    decode_workers: int = DEFAULT_DECODE_WORKERS
     prefetch: int = 4
 
     def __post_init__(self) -> None:
@@ -103,6 +107,29 @@ class TrainConfig:
         out["database_url"] = redact_url(self.database_url)
         out["zooms"] = list(self.zooms) if self.zooms is not None else None
         return out
+
+
+def resolve_batch_size(value: int | str, base_filters: int = 32) -> int:
+    """``--batch-size``: an integer as given; ``auto`` by backend (imports jax).
+
+    CPU: 16. GPU/TPU, per device: ``2 x memory in GiB x 32 / base_filters`` rounded down to a power of two, between 16
+    and 128 (an 80 GiB H100 or 141 GiB H200: 128 at base 32, 64 at base 64; a 24 GiB card: 32 at base 32), times the
+    local device count. A device that does not report its memory gets 64 per device at base 32.
+    """
+    if value != "auto":
+        return int(value)
+    import jax
+
+    devices = jax.local_devices()
+    if jax.default_backend() == "cpu":
+        return -(-CPU_BATCH_SIZE // len(devices)) * len(devices)
+    try:
+        memory_gib = devices[0].memory_stats()["bytes_limit"] / 2**30
+    except (AttributeError, KeyError, TypeError, NotImplementedError, RuntimeError):
+        memory_gib = 32.0
+    fits = max(1, int(2 * memory_gib * 32 / base_filters))
+    per_device = min(MAX_AUTO_BATCH_PER_DEVICE, max(CPU_BATCH_SIZE, 2 ** (fits.bit_length() - 1)))
+    return per_device * len(devices)
 
 
 def redact_url(url: str | None) -> str:

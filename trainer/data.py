@@ -5,12 +5,13 @@ Stages of one epoch, each bounded so that memory does not grow with the table:
 1. **order** - the ``sample_id`` of every sample of the split (and zooms, provider) is read once when the stream is
    made (8 bytes a sample: the only thing held for the whole table). An epoch visits them in the permutation drawn
    by ``np.random.default_rng((seed, epoch))``, or sorted by id when not shuffling, from ``start_batch * batch_size``.
-2. **fetch** - a background thread runs its own asyncio event loop; it reads the rows in chunks of ids with asyncpg
-   (``WHERE sample_id = ANY($1)``, only the columns decoded), the next chunk already in flight while one is decoded.
-3. **decode** - a pool of ``decode_workers`` host threads (:mod:`trainer.decode`: simplejpeg and Pillow release the
-   GIL) turns images into RGB ``uint8`` and masks into 0/1.
-4. **assemble** - samples are copied into batch arrays in the epoch's order; full batches wait in a queue of
-   ``prefetch`` batches, which the consumer drains. The producer waits while the queue is full.
+2. **fetch + decode** - ``decode_workers`` worker processes (:mod:`trainer.pipeline`, started at the first epoch and
+   kept until the stream is closed) each read chunks of :data:`~trainer.pipeline.CHUNK_ROWS` ids with their own
+   asyncpg connection and decode them (:mod:`trainer.decode`) into slots of shared memory: outside this process's
+   GIL, so a training loop's Python does not slow them down. Up to ``2 x decode_workers + prefetch`` chunks are in
+   flight or decoded ahead.
+3. **assemble** - in the consumer's thread, when it asks for the next batch: the decoded rows of each chunk, in the
+   epoch's order, are copied from shared memory into the batch's arrays (one copy of the pixels).
 
 A row whose image or mask does not decode (or is not 256 x 256, or vanished from the view since the ids were read) is
 skipped: logged at WARNING with its ``sample_id``, counted in :attr:`SampleStream.skipped`, and its place taken by the
@@ -19,8 +20,9 @@ restarts from the id at position ``start_batch * batch_size`` of the same order:
 skipped, otherwise shifted by as many rows.
 
 Errors of the database (connection lost, bad query) are raised to the consumer from ``next()``; they are not retried.
-Breaking out of an epoch's iterator (or closing it, or :meth:`SampleStream.close`) stops its thread and decode pool.
-The producer itself (stages 2 to 4) is :mod:`trainer.pipeline`.
+One epoch is read at a time: starting another ends the previous one's iterator. Breaking out of an epoch (or an
+exception in the consumer) drops its chunks still in flight; :meth:`SampleStream.close` (or leaving the ``with``
+block, Ctrl-C included) stops the worker processes and frees the shared memory.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import itertools
 import logging
 import numbers
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any, Self
@@ -37,18 +40,17 @@ from typing import Any, Self
 import numpy as np
 
 from .errors import DataError
-from .pipeline import Batch, EpochProducer, close, connect
+from .pipeline import CHUNK_ROWS, Batch, BatchAssembler, WorkerPool, close, connect, shared_bytes
 
 __all__ = ["Batch", "SampleStream", "prefetch_to_device"]
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-MIN_FETCH_ROWS = 16  # ids per fetch query at least (small batches would otherwise mean many tiny queries)
 
 
 class SampleStream:
-    """Batches of one split of the ``dataset`` view, epoch after epoch, decoded on background threads.
+    """Batches of one split of the ``dataset`` view, epoch after epoch, decoded by worker processes.
 
     ``zooms`` (``None`` = every zoom) and ``provider`` (``None`` = every provider) restrict the samples further.
     Without ``pad_last`` an epoch yields only full batches (the remainder is dropped: for training); with it, the last
@@ -88,9 +90,10 @@ class SampleStream:
         self.pad_last = pad_last
         self.decode_workers = int(decode_workers)
         self.prefetch = int(prefetch)
-        self.fetch_rows = max(self.batch_size, MIN_FETCH_ROWS)
+        self.fetch_rows = CHUNK_ROWS
+        self.slots = 2 * self.decode_workers + self.prefetch
         self.skipped = 0  # rows skipped so far, over every epoch (see the module docstring)
-        self._producers: set[EpochProducer] = set()
+        self._pool: WorkerPool | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._ids = _run_coroutine(self._read_ids())
@@ -125,13 +128,23 @@ class SampleStream:
         ids = self.order(epoch)[start_batch * self.batch_size:]
         return self._iterate(ids)
 
+    @property
+    def shared_memory_bytes(self) -> int:
+        """Shared memory the worker processes decode into, whatever the size of the table."""
+        return shared_bytes(self.slots, self.fetch_rows)
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the decode workers now running (none before the first epoch and after :meth:`close`)."""
+        pool = self._pool
+        return [] if pool is None or pool.closed else pool.pids
+
     def close(self) -> None:
-        """Stop every epoch still running (threads joined). Idempotent."""
+        """Stop the worker processes and free their shared memory; an epoch still being read ends. Idempotent."""
         with self._lock:
             self._closed = True
-            producers = list(self._producers)
-        for producer in producers:
-            producer.stop()
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
 
     def __enter__(self) -> Self:
         return self
@@ -139,25 +152,51 @@ class SampleStream:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _iterate(self, ids: np.ndarray) -> Iterator[Batch]:
+    def _started_pool(self) -> WorkerPool:
         with self._lock:
             if self._closed:
                 raise DataError("the sample stream is closed")
-            producer = EpochProducer(
-                self.database_url, ids, batch_size=self.batch_size, fetch_rows=self.fetch_rows,
-                pad_last=self.pad_last, decode_workers=self.decode_workers, prefetch=self.prefetch,
-                on_skip=self._count_skip,
-            )
-            self._producers.add(producer)
-        try:
-            producer.start()
-            while (batch := producer.get()) is not None:
-                yield batch
-                del batch  # not held while the next one is awaited
-        finally:
-            producer.stop()
-            with self._lock:
-                self._producers.discard(producer)
+            if self._pool is None:
+                pool = WorkerPool(self.database_url, self.decode_workers, self.slots, self.fetch_rows)
+                pool.start()
+                weakref.finalize(self, pool.close)  # a stream dropped without close() still stops its workers
+                self._pool = pool
+            return self._pool
+
+    def _iterate(self, ids: np.ndarray) -> Iterator[Batch]:
+        pool = self._started_pool()
+        generation = pool.new_generation()
+        step = self.fetch_rows
+        chunks = [ids[i:i + step] for i in range(0, len(ids), step)]
+        assembler = BatchAssembler(self.batch_size)
+        sent = 0
+
+        def check() -> None:
+            if pool.closed or pool.generation != generation:
+                raise DataError("the sample stream was closed, or another epoch started, while this epoch was "
+                                "being read")
+
+        for index in range(len(chunks)):
+            check()
+            # Chunk `index` at least, then as many ahead as there are free slots (the workers stay busy meanwhile).
+            while sent <= index or (sent < len(chunks) and pool.can_submit()):
+                pool.submit(sent, chunks[sent])  # waits for a free slot when none is
+                sent += 1
+            chunk = pool.result(index)
+            try:
+                for sample_id, reason in zip(chunk.ids.tolist(), chunk.reasons):
+                    if reason is not None:
+                        self._count_skip(sample_id, reason)
+                for batch in assembler.add(chunk, pool.images[chunk.slot], pool.masks[chunk.slot]):
+                    yield batch
+                    del batch  # not held here while the next one is made
+                    check()
+            finally:
+                pool.release(chunk)
+        if self.pad_last and (batch := assembler.padded()) is not None:
+            del assembler
+            yield batch
+            check()
 
     async def _read_ids(self) -> np.ndarray:
         conditions, args = ["split = $1"], list[object]([self.split])

@@ -1,25 +1,39 @@
-"""The producer of one epoch of :class:`trainer.data.SampleStream`: fetch, decode, assemble, on background threads.
+"""The workers of :class:`trainer.data.SampleStream`: processes that fetch and decode whole chunks into shared memory.
 
-A thread runs its own asyncio event loop. It reads the rows of the epoch's ids in chunks with asyncpg
-(``WHERE sample_id = ANY($1)`` on the ``dataset`` view, only the columns decoded) over one connection, up to
-:data:`FETCH_LOOKAHEAD` chunks ahead; each chunk is decoded by a pool of host threads (:mod:`trainer.decode`), then its
-samples are copied, in the epoch's order, into the arrays of the batch being filled. Full batches wait in an
-``asyncio.Queue`` of ``prefetch`` batches that the consumer drains from its own thread with :meth:`EpochProducer.get`;
-the producer waits while it is full. Decoded samples held at once: at most ``(prefetch + 3) * batch_size +
-(FETCH_LOOKAHEAD + 1) * fetch_rows`` (the queue, the batch waiting to enter it, the one being filled, the
-consumer's, the chunks in flight and the one being copied), whatever the size of the table.
+A :class:`WorkerPool` holds ``workers`` processes (fresh interpreters running :func:`worker_main`: never ``fork`` a
+process that runs JAX, and unlike ``multiprocessing``'s ``spawn`` they do not import the caller's main module) and
+one block of shared memory of ``slots`` slots, each holding the decoded images and masks of one chunk of
+:data:`CHUNK_ROWS` samples. Both live as long as the stream, not one epoch. The consumer's process sends each worker,
+over its own pipe, tasks ``(generation, chunk index, slot, ids)``; the worker reads those rows from PostgreSQL over its
+own asyncpg connection (``WHERE sample_id = ANY($1)`` on the ``dataset`` view, only the columns decoded), decodes
+them (:mod:`trainer.decode`) straight into the slot, and answers with the chunk's zooms and, for each row it could not
+decode, the reason. Fetching and decoding thus run outside the consumer's GIL; what crosses the pipes is a few hundred
+bytes a chunk, and the pixels are copied once, from the slot into the batch handed to the consumer.
+
+Shutdown: :meth:`WorkerPool.close` asks each worker to leave, then terminates (and at last kills) any that does not
+within a few seconds, and frees the shared memory. Workers ignore SIGINT (Ctrl-C reaches the whole process group: the
+consumer decides), and leave by themselves when the consumer's process is gone (their socket closes or they are
+re-parented), so no worker outlives its stream, even after ``kill -9`` of the consumer. A worker that dies is seen
+as the end of its socket: the consumer gets a :class:`DataError` naming its exit code.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import itertools
 import logging
+import mmap
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
 import threading
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from multiprocessing import connection
+from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 import asyncpg
@@ -31,8 +45,11 @@ from .errors import DataError
 
 log = logging.getLogger(__name__)
 
-FETCH_LOOKAHEAD = 2  # chunks fetched or being decoded ahead of the one being assembled
+CHUNK_ROWS = 32  # rows per fetch query and per worker task
+IMAGE_BYTES = TILE_SIZE * TILE_SIZE * 3
+MASK_BYTES = TILE_SIZE * TILE_SIZE
 _CLOSE_TIMEOUT_S = 5.0
+_PARENT_CHECK_S = 1.0
 _ROWS_SQL = "SELECT sample_id, zoom, image, image_format, mask FROM dataset WHERE sample_id = ANY($1::bigint[])"
 
 
@@ -48,192 +65,300 @@ class Batch:
 
 
 @dataclass(frozen=True)
-class _Failure:
-    """An exception of the producer, handed over to be raised in the consumer's thread."""
+class Chunk:
+    """A decoded chunk, in its slot: ``reasons[i]`` is ``None`` where row ``i`` decoded, else why it was skipped."""
 
-    error: BaseException
-
-
-_END = object()  # the last item of an epoch's queue
-
-
-@dataclass(frozen=True)
-class _Decoded:
-    sample_id: int
-    zoom: int
-    image: np.ndarray
-    mask: np.ndarray
+    index: int
+    slot: int
+    ids: np.ndarray
+    zooms: np.ndarray
+    reasons: list[str | None]
 
 
-@dataclass(frozen=True)
-class _Skipped:
-    sample_id: int
-    reason: str
+def shared_bytes(slots: int, chunk_rows: int = CHUNK_ROWS) -> int:
+    """Bytes of shared memory of a pool: the decoded images and masks of ``slots`` chunks."""
+    return slots * chunk_rows * (IMAGE_BYTES + MASK_BYTES)
 
 
-class EpochProducer:
-    """Produces the batches of ``ids`` (in that order) until stopped. ``on_skip(sample_id, reason)`` is called, on
-    the producer's thread, for each row that is skipped."""
+def _slot_arrays(buffer: Any, slots: int, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    images = np.ndarray((slots, chunk_rows, TILE_SIZE, TILE_SIZE, 3), np.uint8, buffer=buffer)
+    masks = np.ndarray((slots, chunk_rows, TILE_SIZE, TILE_SIZE), np.uint8, buffer=buffer,
+                       offset=slots * chunk_rows * IMAGE_BYTES)
+    return images, masks
 
-    def __init__(self, database_url: str, ids: np.ndarray, *, batch_size: int, fetch_rows: int, pad_last: bool,
-                 decode_workers: int, prefetch: int, on_skip: Callable[[int, str], None]) -> None:
-        self._database_url = database_url
-        self._ids = ids
-        self._batch_size = batch_size
-        self._fetch_rows = fetch_rows
-        self._pad_last = pad_last
-        self._decode_workers = decode_workers
-        self._on_skip = on_skip
-        self._loop = asyncio.new_event_loop()
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=prefetch)
-        self._pool = concurrent.futures.ThreadPoolExecutor(decode_workers, thread_name_prefix="tilesmith-decode")
-        self._thread = threading.Thread(target=self._run, name="tilesmith-sample-stream", daemon=True)
-        self._task: asyncio.Task[None] | None = None
-        self._stop_lock = threading.Lock()
-        self._stopped = False
+
+class WorkerPool:
+    """``workers`` decode processes and ``slots`` chunks of shared memory, from :meth:`start` to :meth:`close`."""
+
+    def __init__(self, database_url: str, workers: int, slots: int, chunk_rows: int = CHUNK_ROWS) -> None:
+        self.database_url = database_url
+        self.workers = workers
+        self.slots = slots
+        self.chunk_rows = chunk_rows
+        self.generation = 0
+        self.closed = False
+        self._shm: SharedMemory | None = None
+        self._procs: list[subprocess.Popen] = []
+        self._pipes: list[connection.Connection] = []
+        self._load: list[int] = []  # tasks sent to each worker and not answered yet
+        self._free: list[int] = []
+        self._done: dict[int, Chunk | BaseException] = {}  # answers of the current generation, by chunk index
+        self._task_slot: dict[tuple[int, int], int] = {}  # (generation, index) -> slot, for every task in flight
 
     def start(self) -> None:
-        self._thread.start()
-
-    def get(self) -> Batch | None:
-        """The next batch, waiting for it; ``None`` at the end of the epoch. Raises what the producer raised."""
-        closed = "the sample stream was closed while an epoch was being read"
-        if self._stopped:
-            raise DataError(closed)
+        size = shared_bytes(self.slots, self.chunk_rows)
+        _check_shared_memory(size)
+        self._shm = SharedMemory(create=True, size=size)
+        self.images, self.masks = _slot_arrays(self._shm.buf, self.slots, self.chunk_rows)
+        self._free = list(range(self.slots))
+        # The same `trainer` as ours first on the path, whatever is installed.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (
+            str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH"))))}
         try:
-            future = asyncio.run_coroutine_threadsafe(self._queue.get(), self._loop)
-        except RuntimeError as exc:  # the loop was closed by a concurrent stop()
-            raise DataError(closed) from exc
-        try:
-            item = future.result()
-        except concurrent.futures.CancelledError as exc:
-            raise DataError(closed) from exc
-        if isinstance(item, _Failure):
-            raise item.error
-        return None if item is _END else item
-
-    def stop(self) -> None:
-        """Cancel the producer, stop the loop, join the thread and the decode pool. Idempotent, any thread."""
-        with self._stop_lock:
-            if self._stopped:
-                return
-            self._stopped = True
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._cancel)
-            self._thread.join()
-        else:
-            self._loop.close()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def _cancel(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.add_done_callback(lambda _task: self._loop.stop())
-            self._task.cancel()
-        else:
-            self._loop.stop()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._task = self._loop.create_task(self._produce())
-            self._loop.run_forever()  # until stop(): the consumer reads the queue through this loop
-        finally:
-            leftovers = asyncio.all_tasks(self._loop)
-            for task in leftovers:
-                task.cancel()
-            self._loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
-            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-            self._loop.run_until_complete(self._loop.shutdown_default_executor())
-            self._loop.close()
-
-    async def _produce(self) -> None:
-        try:
-            conn = await connect(self._database_url)
-            try:
-                await self._pipeline(conn)
-            finally:
-                await close(conn)  # also after a cancellation: terminating under a query leaves an orphan future
-        except asyncio.CancelledError:
+            for _ in range(self.workers):
+                ours, theirs = socket.socketpair()
+                with ours, theirs:
+                    process = subprocess.Popen(
+                        [sys.executable, "-c", "import sys; from trainer.pipeline import worker_main; "
+                         "worker_main(*sys.argv[1:])", self.database_url, str(theirs.fileno()), self._shm.name,
+                         str(self.slots), str(self.chunk_rows), str(os.getpid())],
+                        pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
+                    )
+                    self._procs.append(process)
+                    self._pipes.append(connection.Connection(ours.detach()))
+                self._load.append(0)
+        except BaseException:
+            self.close()
             raise
-        except Exception as exc:  # noqa: BLE001 - handed over whole, raised again in the consumer's thread
-            await self._queue.put(_Failure(exc))
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def new_generation(self) -> int:
+        """Start an epoch: answers of earlier generations still in flight will be dropped on arrival."""
+        self.generation += 1
+        for answer in self._done.values():
+            if isinstance(answer, Chunk):
+                self._free.append(answer.slot)
+        self._done.clear()
+        return self.generation
+
+    def can_submit(self) -> bool:
+        return bool(self._free)
+
+    def submit(self, index: int, ids: np.ndarray) -> None:
+        """Send chunk ``index`` of the current generation to the least loaded worker (once a slot is free)."""
+        while not self._free:
+            self._receive()
+        slot = self._free.pop()
+        worker = min(range(self.workers), key=self._load.__getitem__)
+        self._task_slot[(self.generation, index)] = slot
+        try:
+            self._pipes[worker].send((self.generation, index, slot, ids))
+        except OSError:
+            raise self._died(worker) from None
+        self._load[worker] += 1
+
+    def result(self, index: int) -> Chunk:
+        """The decoded chunk ``index`` of the current generation, waiting for it; raises what its worker raised."""
+        while index not in self._done:
+            self._receive()
+        answer = self._done.pop(index)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def release(self, chunk: Chunk) -> None:
+        if chunk.slot not in self._free:  # idempotent; new_generation() may have taken it back already
+            self._free.append(chunk.slot)
+
+    def _receive(self) -> None:
+        if self.closed:
+            raise DataError("the sample stream was closed while an epoch was being read")
+        for item in connection.wait(self._pipes):
+            worker = self._pipes.index(item)
+            try:
+                generation, index, ids, zooms, reasons, error = item.recv()
+            except (EOFError, OSError):
+                raise self._died(worker) from None
+            self._load[worker] -= 1
+            slot = self._task_slot.pop((generation, index))
+            if generation != self.generation:
+                self._free.append(slot)
+            elif error is not None:
+                self._free.append(slot)
+                self._done[index] = error
+            else:
+                self._done[index] = Chunk(index, slot, ids, zooms, reasons)
+
+    def _died(self, worker: int) -> DataError:
+        if self.closed:  # close() from another thread stopped it
+            return DataError("the sample stream was closed while an epoch was being read")
+        process = self._procs[worker]
+        try:
+            code: object = process.wait(_CLOSE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            code = "none yet: it closed its socket"
+        return DataError(f"decode worker {worker} (pid {process.pid}) died, exit code {code}")
+
+    def close(self) -> None:
+        """Ask every worker to leave; terminate those that do not in time; free the shared memory. Idempotent."""
+        if self.closed:
             return
-        await self._queue.put(_END)
-
-    async def _pipeline(self, conn: asyncpg.Connection) -> None:
-        step = self._fetch_rows
-        chunks = (self._ids[i:i + step] for i in range(0, len(self._ids), step))
-        fetch_lock = asyncio.Lock()  # one query at a time on the connection; FIFO, so chunks are fetched in order
-        in_flight: deque[asyncio.Task[list[_Decoded | _Skipped]]] = deque()
-
-        def launch_next() -> None:
-            chunk = next(chunks, None)
-            if chunk is not None:
-                in_flight.append(asyncio.ensure_future(self._fetch_and_decode(conn, fetch_lock, chunk)))
-
-        assembler = BatchAssembler(self._batch_size)
-        try:
-            for _ in range(FETCH_LOOKAHEAD):
-                launch_next()
-            while in_flight:
-                head = in_flight.popleft()
-                launch_next()
-                await self._assemble(head, assembler)
-                del head  # the task holds its decoded samples until it is dropped
-            if self._pad_last and (batch := assembler.padded()) is not None:
-                await self._queue.put(batch)
-        finally:
-            for task in in_flight:
-                task.cancel()
-            await asyncio.gather(*in_flight, return_exceptions=True)
-
-    async def _assemble(self, chunk: asyncio.Task[list[_Decoded | _Skipped]], assembler: BatchAssembler) -> None:
-        """Add a decoded chunk to the batches, queueing each one filled; each sample is released once copied."""
-        samples = await chunk
-        for i, sample in enumerate(samples):
-            samples[i] = None  # type: ignore[call-overload]
-            if isinstance(sample, _Skipped):
-                self._on_skip(sample.sample_id, sample.reason)
-            elif (batch := assembler.add(sample)) is not None:
-                del sample
-                await self._queue.put(batch)
-
-    async def _fetch_and_decode(
-        self, conn: asyncpg.Connection, fetch_lock: asyncio.Lock, chunk: np.ndarray
-    ) -> list[_Decoded | _Skipped]:
-        async with fetch_lock:
-            rows = await conn.fetch(_ROWS_SQL, chunk.tolist())
-        by_id = {row[0]: row for row in rows}
-        ordered = [(sample_id, by_id.get(sample_id)) for sample_id in chunk.tolist()]
-        # A few slices per worker: small enough to balance the pool, large enough to keep the per-call cost low.
-        pieces = max(1, min(len(ordered), 2 * self._decode_workers))
-        size = -(-len(ordered) // pieces)
-        loop = asyncio.get_running_loop()
-        parts = await asyncio.gather(*(
-            loop.run_in_executor(self._pool, decode_rows, ordered[i:i + size]) for i in range(0, len(ordered), size)
-        ))
-        return list(itertools.chain.from_iterable(parts))
+        self.closed = True
+        for pipe in self._pipes:
+            try:
+                pipe.send(None)
+            except (OSError, ValueError):
+                pass
+        for number, process in enumerate(self._procs):
+            try:
+                process.wait(_CLOSE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.warning("decode worker %d (pid %d) did not stop in %.0f s: terminating it", number, process.pid,
+                            _CLOSE_TIMEOUT_S)
+                process.terminate()
+                try:
+                    process.wait(_CLOSE_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for pipe in self._pipes:
+            pipe.close()
+        self.images = self.masks = None  # type: ignore[assignment] - views of the block about to be freed
+        if self._shm is not None:
+            self._shm.close()
+            self._shm.unlink()
+            self._shm = None
 
 
-def decode_rows(rows: list[tuple[int, Any]]) -> list[_Decoded | _Skipped]:
-    """Decode fetched rows (``None`` for a row that vanished since the ids were read); runs on a decode thread."""
-    out: list[_Decoded | _Skipped] = []
-    for sample_id, row in rows:
+def _check_shared_memory(size: int) -> None:
+    """A clear error rather than a SIGBUS when /dev/shm cannot hold the pool (Docker's default is 64 MiB)."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return
+    free = stat.f_bavail * stat.f_frsize
+    if free < size:
+        raise DataError(f"the input pipeline needs {size / 2**20:.0f} MiB of shared memory, /dev/shm has "
+                        f"{free / 2**20:.0f} MiB free: lower --decode-workers or give the container more "
+                        "(docker run --shm-size / compose shm_size)")
+
+
+# ---------------------------------------------------------------------------------------------------- worker side
+
+
+def worker_main(database_url: str, fd: str, shm_name: str, slots: str, chunk_rows: str, parent_pid: str) -> None:
+    """A decode worker: serve tasks from the socket ``fd`` until told to stop or the parent process is gone.
+
+    Two threads: one receives tasks and fetches their rows, one chunk ahead, while this one decodes the previous chunk
+    (simplejpeg and Pillow release the GIL), so the round trip to PostgreSQL is hidden behind decoding.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pipe = connection.Connection(int(fd))
+    slots, chunk_rows, parent_pid = int(slots), int(chunk_rows), int(parent_pid)
+    # Mapped directly (Linux keeps POSIX shared memory in /dev/shm): SharedMemory(name) would register the block with
+    # a resource tracker of this process, which would unlink it when this worker exits.
+    with open(f"/dev/shm/{shm_name.lstrip('/')}", "r+b") as file:
+        shm = mmap.mmap(file.fileno(), shared_bytes(slots, chunk_rows))
+    images, masks = _slot_arrays(shm, slots, chunk_rows)
+    fetched: queue.Queue[tuple | None] = queue.Queue(maxsize=1)
+    fetcher = threading.Thread(target=_fetch_ahead, args=(database_url, pipe, fetched, parent_pid), daemon=True)
+    fetcher.start()
+    try:
+        while (item := fetched.get()) is not None:
+            generation, index, slot, ids, rows, error = item
+            if error is None:
+                try:
+                    zooms, reasons = decode_rows(rows, ids, images[slot], masks[slot])
+                    answer = (generation, index, ids, zooms, reasons, None)
+                except Exception as exc:  # noqa: BLE001 - handed over, raised again in the consumer's process
+                    error = _picklable(exc)
+            if error is not None:
+                answer = (generation, index, ids, None, None, error)
+            del rows, item
+            try:
+                pipe.send(answer)
+            except (OSError, ValueError):
+                return
+    finally:
+        del images, masks
+        shm.close()
+        pipe.close()  # the fetcher, if still waiting on it, wakes up and leaves
+
+
+def _fetch_ahead(database_url: str, pipe: connection.Connection, fetched: queue.Queue, parent_pid: int) -> None:
+    """The worker's receiving thread: ``(generation, index, slot, ids, rows, error)`` per task; ``None`` at the end."""
+    loop = asyncio.new_event_loop()
+    db: asyncpg.Connection | None = None
+    try:
+        while True:
+            try:
+                if not pipe.poll(_PARENT_CHECK_S):
+                    if os.getppid() != parent_pid:
+                        return
+                    continue
+                task = pipe.recv()
+            except (EOFError, OSError):
+                return
+            if task is None:
+                return
+            generation, index, slot, ids = task
+            try:
+                if db is None:
+                    db = loop.run_until_complete(connect(database_url))
+                rows, error = loop.run_until_complete(db.fetch(_ROWS_SQL, ids.tolist())), None
+            except Exception as exc:  # noqa: BLE001 - handed over, raised again in the consumer's process
+                if db is not None:
+                    loop.run_until_complete(close(db))
+                    db = None
+                rows, error = None, _picklable(exc)
+            fetched.put((generation, index, slot, ids, rows, error))
+    finally:
+        fetched.put(None)
+        if db is not None:
+            loop.run_until_complete(close(db))
+        loop.close()
+
+
+def decode_rows(rows: list[Any], ids: np.ndarray, images: np.ndarray, masks: np.ndarray
+                ) -> tuple[np.ndarray, list[str | None]]:
+    """Decode ``rows`` into ``images[i]``, ``masks[i]`` in the order of ``ids``; zooms, and a reason per skipped row."""
+    by_id = {row[0]: row for row in rows}
+    zooms = np.full(len(ids), -1, np.int32)
+    reasons: list[str | None] = []
+    for i, sample_id in enumerate(ids.tolist()):
+        row = by_id.get(sample_id)
         if row is None:
-            out.append(_Skipped(sample_id, "no longer in the dataset view"))
+            reasons.append("no longer in the dataset view")
             continue
         try:
-            image = decode_image(row["image"])
-            mask = decode_mask(row["mask"])
+            images[i] = decode_image(row["image"])
+            masks[i] = decode_mask(row["mask"])
         except DecodeError as exc:
-            out.append(_Skipped(sample_id, f"{exc} (stored image_format {row['image_format']})"))
+            reasons.append(f"{exc} (stored image_format {row['image_format']})")
             continue
-        out.append(_Decoded(sample_id, row["zoom"], image, mask))
-    return out
+        zooms[i] = row["zoom"]
+        reasons.append(None)
+    return zooms, reasons
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - any failure to round-trip: send the message instead
+        return DataError(f"{type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------------------------------------- assembly
 
 
 class BatchAssembler:
-    """Copies decoded samples into the arrays of the batch being filled."""
+    """Copies the decoded rows of chunks, in order, into the arrays of the batch being filled."""
 
     def __init__(self, batch_size: int) -> None:
         self._size = batch_size
@@ -247,15 +372,19 @@ class BatchAssembler:
         self._ids = np.full(b, -1, np.int64)
         self._zooms = np.full(b, -1, np.int32)
 
-    def add(self, sample: _Decoded) -> Batch | None:
-        """Add one sample; the batch when it is now full."""
-        i = self._fill
-        self._images[i] = sample.image
-        self._masks[i] = sample.mask
-        self._ids[i] = sample.sample_id
-        self._zooms[i] = sample.zoom
-        self._fill += 1
-        return self._emit() if self._fill == self._size else None
+    def add(self, chunk: Chunk, images: np.ndarray, masks: np.ndarray) -> Iterator[Batch]:
+        """Add the decoded rows of ``chunk`` (``images``, ``masks``: its slot), yielding each batch as it fills."""
+        rows = np.flatnonzero([reason is None for reason in chunk.reasons])
+        while rows.size:
+            take, rows = rows[:self._size - self._fill], rows[self._size - self._fill:]
+            end = self._fill + take.size
+            np.take(images, take, axis=0, out=self._images[self._fill:end], mode="clip")  # "raise" buffers
+            np.take(masks, take, axis=0, out=self._masks[self._fill:end], mode="clip")
+            self._ids[self._fill:end] = chunk.ids[take]
+            self._zooms[self._fill:end] = chunk.zooms[take]
+            self._fill = end
+            if self._fill == self._size:
+                yield self._emit()
 
     def padded(self) -> Batch | None:
         """The partial batch, its remaining rows zeroed and marked invalid; ``None`` when it is empty."""
@@ -272,6 +401,9 @@ class BatchAssembler:
         self._fill = 0
         self._new_arrays()
         return batch
+
+
+# ---------------------------------------------------------------------------------------------------- database
 
 
 async def connect(database_url: str) -> asyncpg.Connection:

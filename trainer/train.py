@@ -31,6 +31,28 @@ from .steps import (StepSpec, abstract_train_state, batch_sharded, compile_eval_
 
 log = logging.getLogger(__name__)
 
+DATA_WAIT_WARNING = 0.10  # warn when the step waited for its next batch more than this share of the time
+DATA_WAIT_WARN_EVERY_S = 300.0
+
+
+class _Speed:
+    """Model FLOP utilisation from images/s: FLOPs counted from the layer shapes, peak from the device kind."""
+
+    def __init__(self, config: TrainConfig, devices: int):
+        from .flops import peak_tflops, train_flops_per_image
+
+        device = jax.devices()[0]
+        self.peak = peak_tflops(device.device_kind, jax.default_backend())
+        self.flops = train_flops_per_image(config.base_filters, config.depth) if self.peak else None
+        self.devices = devices
+
+    def mfu(self, images_per_s: float) -> dict:
+        """``{"tflops_per_s", "mfu"}`` where the device's peak is known (GPU), else ``{}``."""
+        if not self.peak:
+            return {}
+        tflops = self.flops * images_per_s / 1e12
+        return {"tflops_per_s": tflops, "mfu": tflops / (self.peak * self.devices)}
+
 # ---------------------------------------------------------------------------------------------------- loop
 
 
@@ -112,7 +134,8 @@ def train_and_evaluate(config: TrainConfig, workdir: Path | str, *, stop_after: 
             return summary
 
         pending: list[tuple[int, dict]] = []  # (step, metrics on the device) not yet checked
-        clock = {"time": time.perf_counter(), "steps": 0}
+        clock = {"time": time.perf_counter(), "steps": 0, "wait": 0.0, "warned": -math.inf}
+        speed = _Speed(config, len(mesh.devices.flat))
         bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True,
                    mininterval=1.0)
 
@@ -132,14 +155,24 @@ def train_and_evaluate(config: TrainConfig, workdir: Path | str, *, stop_after: 
                     )
             now = time.perf_counter()
             elapsed = max(now - clock["time"], 1e-9)
-            record = {"kind": "train", "step": step, "lr": float(schedule(step - 1)),
-                      "samples_per_s": clock["steps"] * config.batch_size / elapsed}
+            images_per_s = clock["steps"] * config.batch_size / elapsed
+            record = {"kind": "train", "step": step, "lr": float(schedule(step - 1)), "samples_per_s": images_per_s,
+                      "data_wait_fraction": clock["wait"] / elapsed, **speed.mfu(images_per_s)}
             for key in fetched[0]:
                 record[key] = float(np.mean([m[key] for m in fetched]))
             metrics_log.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", samples_per_s=f"{record['samples_per_s']:.1f}")
+            postfix = {"loss": f"{record['loss']:.4f}", "images_per_s": f"{images_per_s:.1f}"}
+            if record.get("mfu") is not None:
+                postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+            bar.set_postfix(postfix)
+            if record["data_wait_fraction"] > DATA_WAIT_WARNING and now - clock["warned"] > DATA_WAIT_WARN_EVERY_S:
+                log.warning("the train step waited for data %.0f %% of the time over the last %d steps (%.1f "
+                            "images/s): the input pipeline is the bottleneck; raise --decode-workers (now %d) if "
+                            "cores are free", 100 * record["data_wait_fraction"], clock["steps"], images_per_s,
+                            config.decode_workers)
+                clock["warned"] = now
             pending.clear()
-            clock.update(time=now, steps=0)
+            clock.update(time=now, steps=0, wait=0.0)
 
         def validate(step: int) -> None:
             if len(val_stream) == 0:
@@ -160,7 +193,12 @@ def train_and_evaluate(config: TrainConfig, workdir: Path | str, *, stop_after: 
                                                  sharding=batch_sharded(mesh))
                     step_at_epoch_start = step
                     try:
-                        for batch in batches:
+                        while True:
+                            waited = time.perf_counter()
+                            batch = next(batches, None)
+                            clock["wait"] += time.perf_counter() - waited
+                            if batch is None:
+                                break
                             arrays = {k: batch[k] for k in ("images", "masks", "valid")}
                             state, step_metrics = step_fn(state, arrays)
                             step += 1

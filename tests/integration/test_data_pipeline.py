@@ -1,15 +1,20 @@
-"""The trainer's input pipeline (trainer.data) against a real PostgreSQL: order, coverage, filters, skips, shutdown."""
+"""The trainer's input pipeline (trainer.data) against a real PostgreSQL: order, coverage, filters, skips, shutdown
+of the worker processes."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import logging
-import threading
+import os
+import signal
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import numpy as np
@@ -234,22 +239,102 @@ def test_rows_that_do_not_decode_are_skipped_counted_and_logged(own_stored, capl
         assert f"skipping sample {sample_id}:" in logged
 
 
-def test_breaking_out_early_stops_the_background_threads(stored):
-    baseline = threading.active_count()
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie awaiting its parent's wait() counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_gone(pids: list[int], limit_s: float = 30.0) -> list[int]:
+    """The pids still alive after waiting up to ``limit_s`` for them to exit (a liveness wait, not a timing)."""
+    deadline = time.monotonic() + limit_s
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
+def test_workers_live_as_long_as_the_stream_and_stop_with_it(stored):
     with SampleStream(stored.url, "train", None, 2, decode_workers=3, prefetch=2) as stream:
+        assert stream.worker_pids() == []  # started by the first epoch
         for _batch in stream.epoch(0):
-            assert threading.active_count() > baseline
             break
-        assert threading.active_count() == baseline
-        iterator = stream.epoch(1)
+        pids = stream.worker_pids()
+        assert len(pids) == 3 and all(_alive(p) for p in pids)
+        assert len(list(stream.epoch(1))) == 15
+        assert stream.worker_pids() == pids  # the same processes, epoch after epoch
+        iterator = stream.epoch(2)
         next(iterator)
         stream.close()  # close() stops an epoch still being read
-        assert threading.active_count() == baseline
+        assert stream.worker_pids() == [] and not any(_alive(p) for p in pids)
         with pytest.raises(DataError, match="closed"):
             next(iterator)
         with pytest.raises(DataError, match="closed"):
-            stream.epoch(2)
-    assert threading.active_count() == baseline
+            stream.epoch(3)
+
+
+def test_a_new_epoch_ends_the_previous_iterator(stored):
+    with SampleStream(stored.url, "train", None, 2) as stream:
+        first = stream.epoch(0)
+        next(first)
+        assert len(list(stream.epoch(1))) == 15
+        with pytest.raises(DataError, match="another epoch"):
+            next(first)
+
+
+def test_an_exception_in_the_consumer_stops_the_workers(stored):
+    with pytest.raises(ZeroDivisionError):
+        with SampleStream(stored.url, "train", None, 2, decode_workers=2) as stream:
+            for _batch in stream.epoch(0):
+                pids = stream.worker_pids()
+                1 / 0
+    assert len(pids) == 2 and not any(_alive(p) for p in pids)
+
+
+_CONSUMER = """
+import sys, time
+from trainer.data import SampleStream
+with SampleStream(sys.argv[1], "train", None, 2, decode_workers=2) as stream:
+    epoch = 0
+    while True:
+        for batch in stream.epoch(epoch):
+            print(" ".join(map(str, stream.worker_pids())), flush=True)
+            time.sleep(0.05)
+        epoch += 1
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_no_worker_outlives_a_consumer_interrupted_or_killed(stored, tmp_path, sig):
+    script = tmp_path / "consumer.py"
+    script.write_text(_CONSUMER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    consumer = subprocess.Popen([sys.executable, str(script), stored.url], stdout=subprocess.PIPE, text=True,
+                                env=env, start_new_session=True)  # a signal to it alone, not to our group
+    try:
+        pids = [int(p) for p in consumer.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        consumer.send_signal(sig)
+        consumer.wait(60)
+    finally:
+        consumer.kill()
+        consumer.wait()
+    assert _wait_gone(pids) == []
+    if sig == signal.SIGINT:
+        assert consumer.returncode != 0  # the KeyboardInterrupt went through the `with` and stopped the script
+
+
+def test_a_dead_worker_is_a_clear_error(stored):
+    with SampleStream(stored.url, "train", None, 2, decode_workers=1) as stream:
+        iterator = stream.epoch(0)
+        next(iterator)
+        (pid,) = stream.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        assert _wait_gone([pid]) == []
+        with pytest.raises(DataError, match="died"):
+            list(stream.epoch(1))
 
 
 def test_database_errors_reach_the_consumer(own_stored):
@@ -261,12 +346,12 @@ def test_database_errors_reach_the_consumer(own_stored):
         finally:
             await conn.close()
 
-    baseline = threading.active_count()
     with SampleStream(stored.url, "train", None, 4) as stream:
         asyncio.run(break_view())
         with pytest.raises(asyncpg.UndefinedTableError):
             list(stream.epoch(0))
-    assert threading.active_count() == baseline
+        pids = stream.worker_pids()
+    assert pids and not any(_alive(p) for p in pids)
 
 
 def test_unreachable_database_raises_a_clear_error():
@@ -307,30 +392,36 @@ async def _populate_uniform(url: str, count: int) -> None:
 
 
 def test_memory_stays_bounded_whatever_the_table_size(migrated_database_url):
-    rows, batch_size, prefetch = 400, 8, 2
+    rows, batch_size, prefetch, workers = 400, 8, 2, 2
     asyncio.run(_populate_uniform(migrated_database_url, rows))
     decoded_sample = 256 * 256 * 4
-    with SampleStream(migrated_database_url, "train", None, batch_size, prefetch=prefetch) as stream:
+    with SampleStream(migrated_database_url, "train", None, batch_size, prefetch=prefetch,
+                      decode_workers=workers) as stream:
+        order = stream.order(0)
         tracemalloc.start()
         try:
-            seen = 0
+            ids = []
             for batch in stream.epoch(0):
-                seen += int(batch.valid.sum())
+                ids.extend(batch.sample_ids.tolist())
                 del batch
-                time.sleep(0.005)  # a slow consumer: the producer runs ahead until the queue is full
+                time.sleep(0.005)  # a slow consumer: the workers run ahead until every slot is full
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-    assert seen == rows
-    # trainer.pipeline: queue + the batch waiting to enter it + the one being filled + the consumer's + 3 chunks of 16
-    bound = ((prefetch + 3) * batch_size + 3 * 16) * decoded_sample
-    assert peak < 1.1 * bound, (peak, bound)
-    assert peak < rows * decoded_sample / 4
+        shared = stream.shared_memory_bytes
+        for _batch in stream.epoch(1):  # left with every slot busy: the next epoch still gets its chunks
+            break
+        assert [i for b in stream.epoch(2) for i in b.sample_ids.tolist()] == stream.order(2).tolist()
+    assert ids == order.tolist()  # 13 chunks over 2 workers, reassembled in the epoch's order
+    # this process: the batch being filled, the consumer's, and the previous one not yet collected
+    assert peak < 3.3 * batch_size * decoded_sample, peak
+    # the workers decode into (2 x workers + prefetch) slots of 32 samples, whatever the number of rows
+    assert shared == (2 * workers + prefetch) * 32 * decoded_sample
+    assert shared < rows * decoded_sample / 2
 
 
 def test_prefetch_to_device_places_arrays_and_closes_the_stream(stored):
     jax = pytest.importorskip("jax")
-    baseline = threading.active_count()
     with SampleStream(stored.url, "val", None, 4, shuffle=False, pad_last=True) as stream:
         host = list(stream.epoch(0))
         placed = list(prefetch_to_device(stream.epoch(0), size=2))
@@ -346,4 +437,3 @@ def test_prefetch_to_device_places_arrays_and_closes_the_stream(stored):
         for item in prefetch_to_device(stream.epoch(0), size=1, sharding=sharding):
             assert item["images"].sharding == sharding
             break
-        assert threading.active_count() == baseline

