@@ -249,7 +249,7 @@ class Settings:
 
     def public(self) -> dict[str, object]:
         """Non-secret values, for the start-up log line (the database password is redacted)."""
-        from .db import _redact
+        from .db import redact_url
 
         out = {}
         for f in fields(self):
@@ -257,7 +257,7 @@ class Settings:
             if f.name == "google_maps_api_key":
                 value = "set" if value else "unset"
             elif f.name == "database_url":
-                value = _redact(value)
+                value = redact_url(value)
             out[f.name] = str(value) if value is not None else None
         return out
 

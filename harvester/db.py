@@ -44,14 +44,14 @@ async def connect(dsn: str, **kwargs) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(dsn, **kwargs)
     except (OSError, asyncpg.PostgresError) as exc:
-        raise DatabaseError(f"cannot connect to DATABASE_URL ({_redact(dsn)}): {exc}") from exc
+        raise DatabaseError(f"cannot connect to DATABASE_URL ({redact_url(dsn)}): {exc}") from exc
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
     try:
         return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
     except (OSError, asyncpg.PostgresError) as exc:
-        raise DatabaseError(f"cannot connect to DATABASE_URL ({_redact(dsn)}): {exc}") from exc
+        raise DatabaseError(f"cannot connect to DATABASE_URL ({redact_url(dsn)}): {exc}") from exc
 
 
 async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
@@ -84,6 +84,7 @@ async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
         await conn.close()
 
 
-def _redact(dsn: str) -> str:
-    """The URL without its password, for error messages."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
+def redact_url(url: str | None) -> str:
+    """The URL with its password replaced by ``***`` (``postgresql://u:***@host/db``): what every log line and error
+    message of the harvester and the trainer shows of a database URL."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url or "")

@@ -53,7 +53,7 @@ async def _create_pool(dsn: str, *, max_size: int) -> asyncpg.Pool:
     try:
         return await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, reset=_keep_session)
     except (OSError, asyncpg.PostgresError) as exc:
-        raise db.DatabaseError(f"cannot connect to DATABASE_URL ({db._redact(dsn)}): {exc}") from exc
+        raise db.DatabaseError(f"cannot connect to DATABASE_URL ({db.redact_url(dsn)}): {exc}") from exc
 
 
 def overpass_client(settings: Settings) -> OverpassClient:

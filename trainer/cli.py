@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from harvester.splits import SPLITS
+
 from .config import (DEFAULT_DATABASE_URL, DEFAULT_DECODE_WORKERS, DEFAULT_EPOCHS, check_database_url, parse_zooms,
                      redact_url, resolve_batch_size)
 from . import compile_cache
@@ -122,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="metrics of the best checkpoint over every sample of a split")
     common(evaluate)
-    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test", help="(default test)")
+    evaluate.add_argument("--split", choices=SPLITS, default="test", help="(default test)")
     evaluate.add_argument("--zooms", type=_zooms, help="comma-separated zoom levels (default: all)")
     evaluate.add_argument("--batch-size", type=_positive_int, help="samples per batch (default 16)")
     evaluate.add_argument("--decode-workers", type=_positive_int, default=2, help="image decoding worker processes "

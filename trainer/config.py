@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harvester.db import redact_url  # one redaction rule for both packages
+
 from .errors import ConfigError
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@localhost:5432/tiles"
@@ -130,11 +132,6 @@ def resolve_batch_size(value: int | str, base_filters: int = 32) -> int:
     fits = max(1, int(2 * memory_gib * 32 / base_filters))
     per_device = min(MAX_AUTO_BATCH_PER_DEVICE, max(CPU_BATCH_SIZE, 2 ** (fits.bit_length() - 1)))
     return per_device * len(devices)
-
-
-def redact_url(url: str | None) -> str:
-    """The URL with its password replaced by ``***`` (``postgresql://u:***@host/db``)."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url or "")
 
 
 def check_database_url(url: str | None, name: str = "DATABASE_URL") -> str:

@@ -39,6 +39,8 @@ from typing import Any, Self
 
 import numpy as np
 
+from harvester.splits import SPLITS
+
 from .errors import DataError
 from .pipeline import CHUNK_ROWS, Batch, BatchAssembler, WorkerPool, close, connect, shared_bytes
 
@@ -46,7 +48,6 @@ __all__ = ["Batch", "SampleStream", "prefetch_to_device"]
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 
 
 class SampleStream:
