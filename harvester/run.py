@@ -20,7 +20,8 @@ from . import db
 from .config import Settings
 from .overpass import MAX_RESPONSE_BYTES, OverpassClient
 from .http import Upstream
-from .providers import client_session, make_provider
+from .limits import SharedBudget
+from .providers import MAX_TILE_BYTES, client_session, make_provider
 from .queue import counts, enqueue
 from .worker import Worker
 
@@ -54,9 +55,24 @@ async def _create_pool(dsn: str, *, max_size: int) -> asyncpg.Pool:
         raise db.DatabaseError(f"cannot connect to DATABASE_URL ({db._redact(dsn)}): {exc}") from exc
 
 
-def overpass_client(settings: Settings) -> OverpassClient:
-    upstream = Upstream("overpass", rate=settings.overpass_rate, concurrency=settings.overpass_concurrency,
-                        timeout=settings.request_timeout, max_bytes=MAX_RESPONSE_BYTES)
+def _upstream(settings: Settings, budget: SharedBudget | None, name: str, url: str, *, rate: float,
+              concurrency: int, max_bytes: int) -> Upstream:
+    """An upstream whose limits are those of ``budget`` (every worker on the database), or this process's own."""
+    limiter = None if budget is None else budget.limiter(name, url, rate=rate, concurrency=concurrency,
+                                                         timeout=settings.request_timeout)
+    return Upstream(name, rate=rate, concurrency=concurrency, timeout=settings.request_timeout, max_bytes=max_bytes,
+                    limiter=limiter)
+
+
+def tile_upstream(settings: Settings, budget: SharedBudget | None = None) -> Upstream:
+    url = {"ign": settings.ign_url, "google": settings.google_url}.get(settings.tile_provider, settings.tile_url)
+    return _upstream(settings, budget, "tiles", url or "", rate=settings.tile_rate,
+                     concurrency=settings.tile_concurrency, max_bytes=MAX_TILE_BYTES)
+
+
+def overpass_client(settings: Settings, budget: SharedBudget | None = None) -> OverpassClient:
+    upstream = _upstream(settings, budget, "overpass", settings.overpass_url, rate=settings.overpass_rate,
+                         concurrency=settings.overpass_concurrency, max_bytes=MAX_RESPONSE_BYTES)
     return OverpassClient(upstream, settings.overpass_url, query_timeout=settings.overpass_query_timeout)
 
 
@@ -75,9 +91,9 @@ async def harvest(settings: Settings, stop: asyncio.Event | None = None, *, over
                                   provider=settings.tile_provider)
         log.info("queued %d new jobs for %d coordinates at zooms %s", added, len(points),
                  ",".join(map(str, settings.zooms)))
-        async with client_session(settings) as session:
-            worker = Worker(settings, pool, session, make_provider(settings),
-                            overpass or overpass_client(settings))
+        async with client_session(settings) as session, SharedBudget(pool, settings.database_url) as budget:
+            worker = Worker(settings, pool, session, make_provider(settings, tile_upstream(settings, budget)),
+                            overpass or overpass_client(settings, budget))
             reporter = asyncio.create_task(_report(pool, worker))
             work = asyncio.create_task(worker.run(stop))
             stopped = asyncio.create_task(stop.wait())

@@ -1,0 +1,310 @@
+"""Request budgets per upstream, behind one interface (:class:`Limiter`): at most ``concurrency`` requests in flight,
+request starts spaced so that at most ``rate`` start in any one-second window, and pauses (after a 429) that hold
+every request until they end.
+
+- :class:`LocalLimiter` holds them in this process (a semaphore, an ``aiolimiter`` spacing, a monotonic pause
+  deadline): for code paths without a database, such as ``trainer predict`` fetching one tile.
+- :class:`SharedLimiter`, made by a :class:`SharedBudget`, holds them in PostgreSQL (migration 0004) for every
+  ``harvester run`` on one database, on any machine:
+
+  * rate: GCRA, one row per upstream. One statement books a start: ``tat = greatest(tat, clock_timestamp()) +
+    spacing``, returning the start and the database clock; the process sleeps until the start, converted with the
+    offset measured in that same statement (the database clock is the only clock). A start further ahead than
+    ``book_ahead`` (after a pause) is not booked: the process sleeps and asks again.
+  * concurrency: slot rows leased until the start + the request timeout + a margin; the same statement takes a free
+    slot and books the start, or does neither (so a process waiting through a pause holds no slot). A request frees
+    its slot when it ends; the slot of a killed process comes back when its lease expires.
+  * pauses: a 429 moves ``tat`` to the pause's end, so every later booking waits; a NOTIFY tells every process at
+    once, and a start booked before the pause that falls inside it is given back and booked again.
+  * waiting for a slot: one task per process asks the database at a time, woken by a NOTIFY when any process frees
+    a slot, or when the earliest lease expires, and at least every ``POLL_S``.
+
+Processes with different settings share one budget: each booking moves ``tat`` on by the booker's own spacing (a
+process with a higher rate uses more of it), and a process uses slots ``0 .. concurrency-1`` only, so the total in
+flight never exceeds the largest concurrency among the running processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import asyncpg
+from aiolimiter import AsyncLimiter
+
+log = logging.getLogger(__name__)
+
+#: Margin over 1/rate between two starts: at most ``rate`` arrive in any second even if each is delayed
+#: differently on its way by up to 40 ms (see harvester/http.py, ``SendWindow``).
+SPACING_MARGIN = 1.04
+#: How far ahead of the database clock a start may be booked (at least one spacing).
+BOOK_AHEAD_S = 1.0
+#: A slot's lease: its start + the request timeout + this (the send window's wait, the end of the response).
+LEASE_MARGIN_S = 3.0
+#: The longest a task waiting for a slot goes without asking again (a missed notification, a lost listener).
+POLL_S = 1.0
+CHANNEL = "tilesmith_budget"
+
+
+def spacing(rate: float) -> tuple[int, float]:
+    """``(count, window)``: at most ``count`` starts in any ``window`` s for ``rate`` per second over any 1 s, with
+    the margin. Whole requests: 2.5/s allows 2 in any 1 s; below 1/s, one per ``1/rate`` s."""
+    count = max(1, math.floor(rate + 1e-9))
+    return count, max(1.0, count / rate) * SPACING_MARGIN
+
+
+class Limiter:
+    """The interface: ``async with limiter.slot(): send one request``; ``await limiter.pause(s)`` after a 429."""
+
+    async def acquire(self) -> object:
+        """Wait for a free slot, a start time and the end of any pause; return the permit to release."""
+        raise NotImplementedError
+
+    async def release(self, permit: object) -> None:
+        raise NotImplementedError
+
+    async def pause(self, seconds: float) -> None:
+        """Hold every request not yet sent for ``seconds`` (extends, never shortens, a pause in force)."""
+        raise NotImplementedError
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        permit = await self.acquire()
+        try:
+            yield permit
+        finally:
+            await self.release(permit)
+
+
+class LocalLimiter(Limiter):
+    """This process only: requests spaced ``1/rate`` apart (a leaky bucket of capacity 1: no burst), at most
+    ``concurrency`` in flight, pauses on the monotonic clock."""
+
+    def __init__(self, name: str, *, rate: float, concurrency: int):
+        self.name = name
+        self._spacing = AsyncLimiter(1, 1 / rate)
+        self._slots = asyncio.Semaphore(concurrency)
+        self._paused_until = 0.0
+
+    async def acquire(self) -> None:
+        await self._slots.acquire()
+        try:
+            await self._spacing.acquire()
+            while (delay := self._paused_until - time.monotonic()) > 0:
+                await asyncio.sleep(delay)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def release(self, permit: object) -> None:
+        self._slots.release()
+
+    async def pause(self, seconds: float) -> None:
+        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+        log.warning("%s: pausing requests for %g s", self.name, seconds)
+
+
+# -- shared ----------------------------------------------------------------------------------------------------------
+
+_SETUP = """
+INSERT INTO upstream_budget (upstream) VALUES ($1) ON CONFLICT DO NOTHING
+"""
+_SETUP_SLOTS = """
+INSERT INTO upstream_slots (upstream, slot) SELECT $1, s FROM generate_series(0, $2 - 1) s ON CONFLICT DO NOTHING
+"""
+# One statement: a free slot and a start within book_ahead, both or neither. The slot's row lock (SKIP LOCKED: a slot
+# another process is taking is passed over) lasts until the statement commits; the rate row is updated under its
+# row lock, so bookings of all processes are serialized and each sees the tat of the one before.
+# $1 upstream, $2 concurrency, $3 spacing s, $4 book_ahead s, $5 holder, $6 lease after the start s.
+_ACQUIRE = """
+WITH free AS (
+    SELECT slot FROM upstream_slots
+    WHERE upstream = $1 AND slot < $2 AND expires_at < clock_timestamp()
+    ORDER BY slot LIMIT 1
+    FOR UPDATE SKIP LOCKED
+), booked AS (
+    UPDATE upstream_budget SET tat = greatest(tat, clock_timestamp()) + make_interval(secs => $3)
+    WHERE upstream = $1 AND EXISTS (SELECT FROM free) AND tat <= clock_timestamp() + make_interval(secs => $4)
+    RETURNING tat
+), taken AS (
+    UPDATE upstream_slots s SET holder = $5, expires_at = (SELECT tat FROM booked) + make_interval(secs => $6)
+    FROM free
+    WHERE s.upstream = $1 AND s.slot = free.slot AND EXISTS (SELECT FROM booked)
+    RETURNING s.slot
+)
+SELECT (SELECT slot FROM taken) AS slot,
+       extract(epoch FROM (SELECT tat FROM booked))::float8 - $3 AS start,
+       EXISTS (SELECT FROM free) AS slot_free,
+       (SELECT extract(epoch FROM tat)::float8 FROM upstream_budget WHERE upstream = $1) AS tat,
+       (SELECT extract(epoch FROM min(expires_at))::float8 FROM upstream_slots
+        WHERE upstream = $1 AND slot < $2 AND expires_at > '-infinity') AS next_expiry,
+       extract(epoch FROM clock_timestamp())::float8 AS now
+"""
+_RELEASE = """
+WITH freed AS (
+    UPDATE upstream_slots SET holder = NULL, expires_at = '-infinity'
+    WHERE upstream = $1 AND slot = $2 AND holder = $3
+    RETURNING 1
+)
+SELECT pg_notify('""" + CHANNEL + """', 'free ' || $1) FROM freed
+"""
+_PAUSE = """
+WITH paused AS (
+    UPDATE upstream_budget SET tat = greatest(tat, clock_timestamp() + make_interval(secs => $2))
+    WHERE upstream = $1
+    RETURNING extract(epoch FROM tat)::float8 AS until
+)
+SELECT until, pg_notify('""" + CHANNEL + """', 'pause ' || $1 || ' ' || until::text) FROM paused
+"""
+
+
+@dataclass(frozen=True)
+class Permit:
+    slot: int
+    holder: str
+    start: float  # database clock, epoch seconds
+
+
+class SharedBudget:
+    """This process's view of the budgets in the database: a connection pool for the statements, and one listening
+    connection that hears every process's pauses and freed slots (without it, waits fall back to polling)."""
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str, holder: str | None = None):
+        self.pool, self.dsn = pool, dsn
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._limiters: dict[str, SharedLimiter] = {}
+        self._listener: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> SharedBudget:
+        try:
+            self._listener = await asyncpg.connect(self.dsn)
+            await self._listener.add_listener(CHANNEL, self._notified)
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("shared budget: cannot listen for other workers' pauses (%s); polling instead", exc)
+            await self._close_listener()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._close_listener()
+
+    async def _close_listener(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close(timeout=5)
+            self._listener = None
+
+    def limiter(self, name: str, url: str, *, rate: float, concurrency: int, timeout: float) -> SharedLimiter:
+        """The budget of upstream ``name`` at ``url``'s host and port (two providers on different servers do not
+        share one), for requests of at most ``timeout`` s."""
+        key = f"{name}:{urlsplit(url).netloc or url}"
+        limiter = SharedLimiter(self, key, rate=rate, concurrency=concurrency, lease_s=timeout + LEASE_MARGIN_S)
+        self._limiters[key] = limiter
+        return limiter
+
+    def _notified(self, conn, pid: int, channel: str, payload: str) -> None:
+        kind, _, rest = payload.partition(" ")
+        key, _, until = rest.partition(" ")
+        limiter = self._limiters.get(key)
+        if limiter is None:
+            return
+        if kind == "pause":
+            limiter.paused_until(float(until))
+        limiter._wake.set()
+
+
+class SharedLimiter(Limiter):
+    """One upstream's budget in the database (see the module's docstring). ``statements`` counts what it sent."""
+
+    def __init__(self, budget: SharedBudget, key: str, *, rate: float, concurrency: int, lease_s: float):
+        self.budget, self.key = budget, key
+        count, window = spacing(rate)
+        self.interval = window / count
+        self.book_ahead = max(BOOK_AHEAD_S, self.interval)
+        self.concurrency, self.lease_s = concurrency, lease_s
+        self.statements = 0
+        self._local = asyncio.Semaphore(concurrency)  # never more permits asked for than the process may hold
+        self._turn = asyncio.Lock()  # one task of this process asks the database for a slot at a time
+        self._wake = asyncio.Event()
+        self._pause_end = -math.inf  # database clock: the end of the latest pause heard of
+        self._ready = False
+        self._serial = itertools.count()
+
+    async def _fetchrow(self, sql: str, *args) -> asyncpg.Record | None:
+        async with self.budget.pool.acquire() as conn:
+            if not self._ready:
+                await conn.execute(_SETUP, self.key)
+                await conn.execute(_SETUP_SLOTS, self.key, self.concurrency)
+                self._ready = True
+            self.statements += 1
+            return await conn.fetchrow(sql, *args)
+
+    def paused_until(self, until: float) -> None:
+        self._pause_end = max(self._pause_end, until)
+
+    async def acquire(self) -> Permit:
+        await self._local.acquire()
+        try:
+            while True:
+                async with self._turn:
+                    permit, offset = await self._book()
+                delay = permit.start - offset - asyncio.get_running_loop().time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if self._pause_end <= permit.start:
+                    return permit
+                # A pause began after this start was booked and covers it: give the slot back, book again (after it).
+                await self._free(permit)
+        except BaseException:
+            self._local.release()
+            raise
+
+    async def _book(self) -> tuple[Permit, float]:
+        """A slot and a start (database clock), and the offset database clock - loop clock of that statement."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            holder = f"{self.budget.holder}:{next(self._serial)}"
+            row = await self._fetchrow(_ACQUIRE, self.key, self.concurrency, self.interval, self.book_ahead, holder,
+                                       self.lease_s)
+            offset = row["now"] - loop.time()
+            if row["slot"] is not None:
+                return Permit(row["slot"], holder, row["start"]), offset
+            if row["slot_free"]:  # the next start is further ahead than book_ahead (a pause): wait, then ask again
+                await asyncio.sleep(max(0.0, row["tat"] - self.book_ahead - row["now"]))
+                continue
+            # Every slot is held: a notification or a local release wakes us, else the earliest lease's expiry.
+            wait = POLL_S if row["next_expiry"] is None else min(POLL_S, max(0.0, row["next_expiry"] - row["now"]))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait + 0.001)
+
+    async def _free(self, permit: Permit) -> None:
+        task = asyncio.ensure_future(self._fetchrow(_RELEASE, self.key, permit.slot, permit.holder))
+        try:
+            await asyncio.shield(task)  # a cancelled request still frees its slot
+        except asyncio.CancelledError:
+            raise
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("%s: could not free slot %d (%s); it comes back when its lease expires", self.key,
+                        permit.slot, exc)
+        self._wake.set()
+
+    async def release(self, permit: Permit) -> None:
+        try:
+            await self._free(permit)
+        finally:
+            self._local.release()
+
+    async def pause(self, seconds: float) -> None:
+        row = await self._fetchrow(_PAUSE, self.key, float(seconds))
+        if row is not None:
+            self.paused_until(row["until"])
+        log.warning("%s: pausing every worker's requests for %g s", self.key, seconds)
