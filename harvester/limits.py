@@ -45,6 +45,8 @@ from urllib.parse import urlsplit
 import asyncpg
 from aiolimiter import AsyncLimiter
 
+from .db import DatabaseError
+
 log = logging.getLogger(__name__)
 
 #: Margin over 1/rate between two starts: at most ``rate`` arrive in any second even if each is delayed
@@ -202,6 +204,10 @@ class SharedBudget:
         return max(self._offsets)
 
     async def __aenter__(self) -> SharedBudget:
+        async with self.pool.acquire() as conn:
+            if await conn.fetchval("SELECT to_regclass('upstream_slots') IS NULL"):
+                raise DatabaseError("the database has no upstream budget tables (migration 0004): run "
+                                    "`harvester migrate` first")
         try:
             self._listener = await asyncpg.connect(self.dsn)
             await self._listener.add_listener(CHANNEL, self._notified)
