@@ -1,7 +1,8 @@
-"""The shared budget's own cost: ``python -m bench.bench_budget [--requests 2000] [--tasks 8] [--processes 4]``.
+"""The shared budget's own cost: ``python -m bench.bench_budget [--requests 2000] [--slots 8] [--processes 4]``.
 
-Requests here send nothing: each task takes a slot, "sends" (no I/O) and frees it, as fast as the limiter lets it
-(rate 1,000,000/s, so only the limiter's own work counts). Prints, in one run, on one temporary database:
+Requests here send nothing: each of ``2 x --slots`` tasks per process takes a slot, "sends" (no I/O) and frees it, as
+fast as the limiter lets it (rate 1,000,000/s, so only the limiter's own work counts; twice as many tasks as slots,
+as in a harvest, so finished requests hand their slot over to waiting ones). Prints, in one run, on one temporary database:
 
 1. the in-process limiter (:class:`LocalLimiter`, today's per-process behaviour): microseconds per request;
 2. the shared limiter, one process: statements per request, milliseconds per request (wall / requests), the time one
@@ -60,34 +61,34 @@ async def drive(limiter, requests: int, tasks: int) -> tuple[float, float]:
     return time.perf_counter() - start, spent[0] / requests
 
 
-async def local(requests: int, tasks: int) -> dict:
-    wall, each = await drive(LocalLimiter("bench", rate=RATE, concurrency=tasks), requests, tasks)
+async def local(requests: int, slots: int) -> dict:
+    wall, each = await drive(LocalLimiter("bench", rate=RATE, concurrency=slots), requests, 2 * slots)
     return {"ms_per_request": wall / requests * 1e3, "ms_in_limiter": each * 1e3}
 
 
-async def shared(url: str, requests: int, tasks: int) -> dict:
-    pool = await asyncpg.create_pool(url, min_size=tasks, max_size=tasks + 2)
+async def shared(url: str, requests: int, slots: int) -> dict:
+    pool = await asyncpg.create_pool(url, min_size=slots, max_size=slots + 2)
     try:
         async with SharedBudget(pool, url) as budget:
-            limiter = SharedLimiter(budget, KEY, rate=RATE, concurrency=tasks, lease_s=60)
+            limiter = SharedLimiter(budget, KEY, rate=RATE, concurrency=slots, lease_s=60)
             budget._limiters[KEY] = limiter
-            await drive(limiter, tasks, tasks)  # rows created, statements prepared
+            await drive(limiter, 2 * slots, 2 * slots)  # rows created, statements prepared
             before = limiter.statements
-            wall, each = await drive(limiter, requests, tasks)
+            wall, each = await drive(limiter, requests, 2 * slots)
             return {"ms_per_request": wall / requests * 1e3, "ms_in_limiter": each * 1e3,
                     "statements_per_request": (limiter.statements - before) / requests}
     finally:
         await pool.close()
 
 
-def _process(url: str, requests: int, tasks: int, queue) -> None:
-    queue.put(asyncio.run(shared(url, requests, tasks)))
+def _process(url: str, requests: int, slots: int, queue) -> None:
+    queue.put(asyncio.run(shared(url, requests, slots)))
 
 
-def many(url: str, processes: int, requests: int, tasks: int) -> dict:
+def many(url: str, processes: int, requests: int, slots: int) -> dict:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_process, args=(url, requests, tasks, queue)) for _ in range(processes)]
+    procs = [ctx.Process(target=_process, args=(url, requests, slots, queue)) for _ in range(processes)]
     start = time.perf_counter()
     for p in procs:
         p.start()
@@ -125,22 +126,22 @@ async def statements(url: str, n: int, concurrency: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per process")
-    parser.add_argument("--tasks", type=int, default=8, help="tasks (and slots) per process")
+    parser.add_argument("--slots", type=int, default=8, help="concurrency (tasks: twice as many) per process")
     parser.add_argument("--processes", type=int, default=4)
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     with TempDatabase(prefix="tilesmith_bench", migrate=True) as url:
-        base = asyncio.run(local(args.requests, args.tasks))
-        one = asyncio.run(shared(url, args.requests, args.tasks))
-        several = many(url, args.processes, args.requests, args.tasks)
-        stmt = asyncio.run(statements(url, args.requests // 2, args.tasks))
+        base = asyncio.run(local(args.requests, args.slots))
+        one = asyncio.run(shared(url, args.requests, args.slots))
+        several = many(url, args.processes, args.requests, args.slots)
+        stmt = asyncio.run(statements(url, args.requests // 2, args.slots))
     print(f"in-process limiter: {base['ms_per_request'] * 1e3:.1f} us per request "
           f"({base['ms_in_limiter'] * 1e3:.1f} us in acquire + release)")
-    print(f"shared budget, 1 process x {args.tasks} tasks: {one['statements_per_request']:.2f} statements and "
+    print(f"shared budget, 1 process x {args.slots} slots: {one['statements_per_request']:.2f} statements and "
           f"{one['ms_per_request']:.2f} ms per request (wall / requests; {1e3 / one['ms_per_request']:.0f} requests/s"
           f" at most), {one['ms_in_limiter']:.2f} ms in acquire + release | ratio to in-process "
           f"{one['ms_per_request'] / base['ms_per_request']:.0f}x")
-    print(f"shared budget, {args.processes} processes x {args.tasks} tasks: {several['statements_per_request']:.2f}"
+    print(f"shared budget, {args.processes} processes x {args.slots} slots: {several['statements_per_request']:.2f}"
           f" statements per request, {several['ms_in_limiter']:.2f} ms in acquire + release, "
           f">= {several['requests_per_s_upper_bound_wall']:.0f} requests/s over all")
     print(f"slot + start + release: as one statement {stmt['one statement']:.3f} ms, as two statements "

@@ -17,10 +17,12 @@ every request until they end.
   * pauses: a 429 moves ``tat`` to the pause's end, so every later booking waits; a NOTIFY tells every process at
     once, and a start booked before the pause that falls inside it is given back and booked again.
   * clocks: each statement returns ``clock_timestamp()``; the offset to the event loop's clock is the largest of
-    the last few measured (each is late by the reply's trip), and a task that wakes more than ``LATE_S`` after its
-    start (a loaded machine) gives the start back and books another rather than send late.
+    the last few measured (each is late by the reply's trip), and a task that waited for its start and wakes more than
+    ``LATE_S`` after it (a loaded machine) gives the start back and books another rather than send late.
   * waiting for a slot: one task per process asks the database at a time, woken by a NOTIFY when any process frees
-    a slot, or when the earliest lease expires, and at least every ``POLL_S``.
+    a slot, or when the earliest lease expires, and at least every ``POLL_S``. A request that ends while another task
+    of its process waits for a slot hands its slot over: one statement renews the lease for the waiting task and
+    books its start (at most ``HANDOVERS`` times in a row, so other processes get their turn).
 
 Processes with different settings share one budget: each booking moves ``tat`` on by the booker's own spacing (a
 process with a higher rate uses more of it), and a process uses slots ``0 .. concurrency-1`` only, so the total in
@@ -58,12 +60,16 @@ BOOK_AHEAD_S = 1.0
 LEASE_MARGIN_S = 3.0
 #: The longest a task waiting for a slot goes without asking again (a missed notification, a lost listener).
 POLL_S = 1.0
-#: A request that wakes this late for its start gives it back and books again (up to MAX_LATE times in a row): sent
-#: late, it would bunch with the next process's start (the 4 % spacing margin absorbs 40 ms in all).
+#: A request that waited for its start (the budget is saturated: the next start is booked right after it) and wakes
+#: this late gives it back and books again (up to MAX_LATE times in a row): sent late, it would bunch with the next
+#: start (the 4 % spacing margin absorbs 40 ms in all). A start not waited for follows an idle moment of the budget.
 LATE_S = 0.015
 MAX_LATE = 3
 #: Offsets (database clock - loop clock) kept: the largest is the one read with the least delay.
 OFFSETS_KEPT = 32
+#: A slot passes from a finished request straight to a waiting one of the same process (one statement instead of
+#: two) at most this many times in a row; then it is freed for every process.
+HANDOVERS = 4
 CHANNEL = "tilesmith_budget"
 
 
@@ -169,6 +175,28 @@ WITH freed AS (
 )
 SELECT pg_notify('""" + CHANNEL + """', 'free ' || $1) FROM freed
 """
+# A slot handed from the request that held it ($7) to a waiting one ($5) of the same process, with a new start; or, if
+# the start would be too far ahead (a pause) or the slot was lost, freed (a NOTIFY) or left alone.
+_HANDOVER = """
+WITH booked AS (
+    UPDATE upstream_budget SET tat = greatest(tat, clock_timestamp()) + make_interval(secs => $3)
+    WHERE upstream = $1 AND tat <= clock_timestamp() + make_interval(secs => $4)
+      AND EXISTS (SELECT FROM upstream_slots WHERE upstream = $1 AND slot = $2 AND holder = $7)
+    RETURNING tat
+), taken AS (
+    UPDATE upstream_slots SET holder = $5, expires_at = (SELECT tat FROM booked) + make_interval(secs => $6)
+    WHERE upstream = $1 AND slot = $2 AND holder = $7 AND EXISTS (SELECT FROM booked)
+    RETURNING slot
+), freed AS (
+    UPDATE upstream_slots SET holder = NULL, expires_at = '-infinity'
+    WHERE upstream = $1 AND slot = $2 AND holder = $7 AND NOT EXISTS (SELECT FROM booked)
+    RETURNING slot
+)
+SELECT (SELECT slot FROM taken) AS slot,
+       extract(epoch FROM (SELECT tat FROM booked))::float8 - $3 AS start,
+       (SELECT pg_notify('""" + CHANNEL + """', 'free ' || $1) FROM freed) AS notified,
+       extract(epoch FROM clock_timestamp())::float8 AS now
+"""
 _PAUSE = """
 WITH paused AS (
     UPDATE upstream_budget SET tat = greatest(tat, clock_timestamp() + make_interval(secs => $2))
@@ -184,6 +212,7 @@ class Permit:
     slot: int
     holder: str
     start: float  # database clock, epoch seconds
+    handovers: int = 0  # times this slot went straight from one request to the next
 
 
 class SharedBudget:
@@ -219,6 +248,8 @@ class SharedBudget:
     async def __aexit__(self, *exc) -> None:
         await self._close_listener()
         for key, limiter in self._limiters.items():
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await limiter.close()
             if limiter.permits:
                 log.info("shared budget %s: %d requests, %d statements, %d late starts given back", key,
                          limiter.permits, limiter.statements, limiter.late)
@@ -266,6 +297,8 @@ class SharedLimiter(Limiter):
         self._pause_end = -math.inf  # database clock: the end of the latest pause heard of
         self._ready = False
         self._serial = itertools.count()
+        self._wanting = 0  # tasks waiting for one of this process's `concurrency` permits
+        self._batons: collections.deque[tuple[Permit, float]] = collections.deque()  # slots handed over, not taken
 
     async def _fetchrow(self, sql: str, *args) -> asyncpg.Record | None:
         async with self.budget.pool.acquire() as conn:
@@ -281,19 +314,26 @@ class SharedLimiter(Limiter):
 
     async def acquire(self) -> Permit:
         loop = asyncio.get_running_loop()
-        await self._local.acquire()
+        self._wanting += 1
+        try:
+            await self._local.acquire()
+        finally:
+            self._wanting -= 1
         try:
             late = 0
             while True:
-                async with self._turn:
-                    permit, offset = await self._book()
+                if self._batons:  # a slot handed over by a request that just ended
+                    permit, offset = self._batons.popleft()
+                else:
+                    async with self._turn:
+                        permit, offset = await self._book()
                 delay = permit.start - offset - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 if self._pause_end > permit.start:
                     # A pause began after this start was booked and covers it: give it back, book again (after it).
                     await self._free(permit)
-                elif permit.start - offset - loop.time() < -LATE_S and late < MAX_LATE:
+                elif delay > 0 and permit.start - offset - loop.time() < -LATE_S and late < MAX_LATE:
                     late += 1
                     self.late += 1
                     await self._free(permit)
@@ -333,11 +373,39 @@ class SharedLimiter(Limiter):
                         permit.slot, exc)
         self._wake.set()
 
+    async def _handover(self, permit: Permit) -> None:
+        """Pass the slot to a waiting task of this process (as a baton), or free it."""
+        holder = f"{self.budget.holder}:{next(self._serial)}"
+        task = asyncio.ensure_future(self._fetchrow(_HANDOVER, self.key, permit.slot, self.interval, self.book_ahead,
+                                                    holder, self.lease_s, permit.holder))
+
+        def handed(done: asyncio.Future) -> None:  # runs even if the releasing task is cancelled meanwhile
+            if not done.cancelled() and done.exception() is None and done.result()["slot"] is not None:
+                row = done.result()
+                self._batons.append((Permit(row["slot"], holder, row["start"], permit.handovers + 1),
+                                     self.budget.offset(row["now"])))
+
+        task.add_done_callback(handed)
+        try:
+            await asyncio.shield(task)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("%s: could not hand over slot %d (%s); it comes back when its lease expires", self.key,
+                        permit.slot, exc)
+        self._wake.set()
+
     async def release(self, permit: Permit) -> None:
         try:
-            await self._free(permit)
+            if self._wanting and permit.handovers < HANDOVERS:
+                await self._handover(permit)
+            else:
+                await self._free(permit)
         finally:
             self._local.release()
+
+    async def close(self) -> None:
+        """Free the slots handed over that no task took (their tasks were cancelled)."""
+        while self._batons:
+            await self._free(self._batons.popleft()[0])
 
     async def pause(self, seconds: float) -> None:
         row = await self._fetchrow(_PAUSE, self.key, float(seconds))

@@ -51,8 +51,13 @@ def warm(up: FakeUpstreams, points) -> None:
         up.world.candidates((west - 1e-6, south - 1e-6, east + 1e-6, north + 1e-6))  # the query's box, rounded out
 
 
+def start(env: dict[str, str], tmp_path, i: int, name: str) -> Harvester:
+    """``harvester run`` as process ``i`` (its own User-Agent)."""
+    return Harvester({**env, "HARVESTER_USER_AGENT": agent(i)}, tmp_path, name=name)
+
+
 def run_four(env: dict[str, str], tmp_path, tag: str) -> list[Harvester]:
-    return [Harvester({**env, "HARVESTER_USER_AGENT": agent(i)}, tmp_path, name=f"{tag}{i}") for i in range(4)]
+    return [start(env, tmp_path, i, f"{tag}{i}") for i in range(4)]
 
 
 def finish(runs: list[Harvester]) -> None:
@@ -133,7 +138,7 @@ def test_kill_9_of_a_process_holding_the_overpass_slot_frees_it_within_the_lease
     with FakeUpstreams(World(seed=33), latency_s=0.1, overrides={"overpass": {"latency_s": 30.0}}) as up:
         env = budget_env(up, url, tmp_path, HARVESTER_OVERPASS_CONCURRENCY="1", HARVESTER_REQUEST_TIMEOUT="3",
                          HARVESTER_LEASE_SECONDS="3")
-        doomed = Harvester({**env, "HARVESTER_USER_AGENT": agent(0)}, tmp_path, name="doomed")
+        doomed = start(env, tmp_path, 0, "doomed")
         assert wait_until(lambda: up.requests("overpass"), 60, doomed), doomed.stderr[-3000:]
         os.kill(doomed.pid, signal.SIGKILL)
         assert doomed.proc.wait(10) == -signal.SIGKILL
@@ -144,7 +149,7 @@ def test_kill_9_of_a_process_holding_the_overpass_slot_frees_it_within_the_lease
         assert len(held) == 1 and f":{doomed.pid}:" in held[0]["holder"], held
         lease_end = asked + held[0]["left"]
         up.set_knobs("overpass", latency_s=0.1)
-        survivor = Harvester({**env, "HARVESTER_USER_AGENT": agent(1)}, tmp_path, name="survivor")
+        survivor = start(env, tmp_path, 1, "survivor")
         assert survivor.wait(120) == 0, survivor.stderr[-3000:]
         second = [r for r in up.requests("overpass") if process(r) == 1]
     print(f"\nkill -9: the slot's lease had {held[0]['left']:.2f} s left; the survivor's first Overpass request came"

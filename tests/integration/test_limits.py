@@ -10,7 +10,7 @@ import contextlib
 import asyncpg
 import pytest
 
-from harvester.limits import SharedBudget, SharedLimiter
+from harvester.limits import HANDOVERS, SharedBudget, SharedLimiter
 from tests.fakes.faults import max_in_window
 
 KEY = "tiles:example.org"
@@ -70,6 +70,7 @@ def test_starts_booked_by_four_processes_keep_the_rate(migrated_database_url):
 
 
 def test_in_flight_over_four_processes_never_exceeds_the_concurrency(migrated_database_url):
+    """Six tasks per process for three slots in all: every process gets slots, never more than three in flight."""
     async def go():
         async with processes(migrated_database_url, 4) as budgets:
             limiters = [limiter(b, rate=10_000, concurrency=3) for b in budgets]
@@ -85,15 +86,44 @@ def test_in_flight_over_four_processes_never_exceeds_the_concurrency(migrated_da
                         await asyncio.sleep(0.02)
                         in_flight -= 1
 
-            await asyncio.gather(*(task(lim) for lim in limiters for _ in range(3)))
+            await asyncio.gather(*(task(lim) for lim in limiters for _ in range(6)))
             return seen, holders
 
     seen, holders = asyncio.run(go())
-    assert len(seen) == 48
+    assert len(seen) == 96
     assert max(seen) == 3  # never above, and the budget was used
     assert holders == {"0", "1", "2", "3"}  # every process got slots
     rows = asyncio.run(slots(migrated_database_url))
     assert [r["slot"] for r in rows] == [0, 1, 2] and not any(r["held"] for r in rows)  # all freed at the end
+
+
+def test_a_finished_request_hands_its_slot_to_a_waiting_one_of_its_process(migrated_database_url):
+    """More tasks than slots in one process: a request that ends passes its slot to a waiting task in one statement
+    (instead of freeing it and taking it again), at most HANDOVERS times in a row; the concurrency still holds."""
+    async def go():
+        async with processes(migrated_database_url, 1) as (budget,):
+            lim = limiter(budget, rate=10_000, concurrency=2)
+            in_flight, seen, handovers = 0, [], []
+
+            async def task():
+                nonlocal in_flight
+                for _ in range(5):
+                    async with lim.slot() as permit:
+                        in_flight += 1
+                        seen.append(in_flight)
+                        handovers.append(permit.handovers)
+                        await asyncio.sleep(0.005)
+                        in_flight -= 1
+
+            await asyncio.gather(*(task() for _ in range(6)))
+            return seen, handovers, lim.statements
+
+    seen, handovers, statements = asyncio.run(go())
+    assert len(seen) == 30 and max(seen) == 2
+    assert max(handovers) == HANDOVERS and handovers.count(0) >= 30 // (HANDOVERS + 1)
+    assert statements < 2 * 30
+    rows = asyncio.run(slots(migrated_database_url))
+    assert not any(r["held"] for r in rows)
 
 
 def test_slot_of_a_killed_process_comes_back_when_its_lease_expires(migrated_database_url):
