@@ -112,7 +112,7 @@ async def statements(url: str, n: int, concurrency: int) -> dict:
             for i in range(n):
                 holder = f"bench:{i}"
                 if name == "one statement":
-                    row = await conn.fetchrow(_ACQUIRE, KEY, concurrency, 1 / RATE, 1.0, holder, 60.0)
+                    row = await conn.fetchrow(_ACQUIRE, KEY, concurrency, 1 / RATE, 1.0, holder, 60.0, 2.0)
                 else:
                     row = await conn.fetchrow(_SLOT_ONLY, KEY, concurrency, holder)
                     await conn.fetchrow(_RATE_ONLY, KEY, 1 / RATE, 1.0)

@@ -20,7 +20,8 @@ every request until they end.
     the last few measured (each is late by the reply's trip), and a task that waited for its start and wakes more than
     ``LATE_S`` after it (a loaded machine) gives the start back and books another rather than send late.
   * waiting for a slot: one task per process asks the database at a time, woken by a NOTIFY when any process frees
-    a slot, or when the earliest lease expires, and at least every ``POLL_S``. A request that ends while another task
+    a slot (sent only while some worker found every slot held), or when the earliest lease expires, and at least
+    every ``POLL_S``. A request that ends while another task
     of its process waits for a slot hands its slot over: one statement renews the lease for the waiting task and
     books its start (at most ``HANDOVERS`` times in a row, so other processes get their turn).
 
@@ -142,7 +143,8 @@ INSERT INTO upstream_slots (upstream, slot) SELECT $1, s FROM generate_series(0,
 # One statement: a free slot and a start within book_ahead, both or neither. The slot's row lock (SKIP LOCKED: a slot
 # another process is taking is passed over) lasts until the statement commits; the rate row is updated under its
 # row lock, so bookings of all processes are serialized and each sees the tat of the one before.
-# $1 upstream, $2 concurrency, $3 spacing s, $4 book_ahead s, $5 holder, $6 lease after the start s.
+# $1 upstream, $2 concurrency, $3 spacing s, $4 book_ahead s, $5 holder, $6 lease after the start s, $7 how long a
+# worker that found no free slot wants to hear of freed ones (NOTIFY costs every listener a message: only then).
 _ACQUIRE = """
 WITH free AS (
     SELECT slot FROM upstream_slots
@@ -158,10 +160,15 @@ WITH free AS (
     FROM free
     WHERE s.upstream = $1 AND s.slot = free.slot AND EXISTS (SELECT FROM booked)
     RETURNING s.slot
+), wanted AS (
+    UPDATE upstream_budget SET wanted_until = clock_timestamp() + make_interval(secs => $7)
+    WHERE upstream = $1 AND NOT EXISTS (SELECT FROM free)
+    RETURNING 1
 )
 SELECT (SELECT slot FROM taken) AS slot,
        extract(epoch FROM (SELECT tat FROM booked))::float8 - $3 AS start,
        EXISTS (SELECT FROM free) AS slot_free,
+       EXISTS (SELECT FROM wanted) AS wanted,
        (SELECT extract(epoch FROM tat)::float8 FROM upstream_budget WHERE upstream = $1) AS tat,
        (SELECT extract(epoch FROM min(expires_at))::float8 FROM upstream_slots
         WHERE upstream = $1 AND slot < $2 AND expires_at > '-infinity') AS next_expiry,
@@ -174,6 +181,7 @@ WITH freed AS (
     RETURNING 1
 )
 SELECT pg_notify('""" + CHANNEL + """', 'free ' || $1) FROM freed
+WHERE EXISTS (SELECT FROM upstream_budget WHERE upstream = $1 AND wanted_until > clock_timestamp())
 """
 # A slot handed from the request that held it ($7) to a waiting one ($5) of the same process, with a new start; or, if
 # the start would be too far ahead (a pause) or the slot was lost, freed (a NOTIFY) or left alone.
@@ -194,7 +202,8 @@ WITH booked AS (
 )
 SELECT (SELECT slot FROM taken) AS slot,
        extract(epoch FROM (SELECT tat FROM booked))::float8 - $3 AS start,
-       (SELECT pg_notify('""" + CHANNEL + """', 'free ' || $1) FROM freed) AS notified,
+       (SELECT pg_notify('""" + CHANNEL + """', 'free ' || $1) FROM freed
+        WHERE EXISTS (SELECT FROM upstream_budget WHERE upstream = $1 AND wanted_until > clock_timestamp())) AS notified,
        extract(epoch FROM clock_timestamp())::float8 AS now
 """
 _PAUSE = """
@@ -350,7 +359,7 @@ class SharedLimiter(Limiter):
             self._wake.clear()
             holder = f"{self.budget.holder}:{next(self._serial)}"
             row = await self._fetchrow(_ACQUIRE, self.key, self.concurrency, self.interval, self.book_ahead, holder,
-                                       self.lease_s)
+                                       self.lease_s, 2 * POLL_S)
             offset = self.budget.offset(row["now"])
             if row["slot"] is not None:
                 return Permit(row["slot"], holder, row["start"]), offset

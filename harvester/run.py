@@ -8,6 +8,7 @@ flight finish within a grace period or are released back to the queue; a second 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import signal
@@ -77,8 +78,9 @@ def overpass_client(settings: Settings, budget: SharedBudget | None = None) -> O
 
 
 async def harvest(settings: Settings, stop: asyncio.Event | None = None, *, overpass: OverpassClient | None = None,
-                  grace_s: float | None = None) -> dict[str, object]:
-    """Run the whole harvest; return the final job counts."""
+                  grace_s: float | None = None, shared_budget: bool = True) -> dict[str, object]:
+    """Run the whole harvest; return the final job counts. ``shared_budget=False`` (benchmarks only) holds the
+    limits in this process alone, as before the shared budget."""
     stop = stop or asyncio.Event()
     sampler_key, points = await asyncio.to_thread(sampler_points, settings)
     # Connections are held only for single statements: a few dozen serve any concurrency without crowding the
@@ -91,7 +93,8 @@ async def harvest(settings: Settings, stop: asyncio.Event | None = None, *, over
                                   provider=settings.tile_provider)
         log.info("queued %d new jobs for %d coordinates at zooms %s", added, len(points),
                  ",".join(map(str, settings.zooms)))
-        async with client_session(settings) as session, SharedBudget(pool, settings.database_url) as budget:
+        budget_context = SharedBudget(pool, settings.database_url) if shared_budget else contextlib.nullcontext()
+        async with client_session(settings) as session, budget_context as budget:
             worker = Worker(settings, pool, session, make_provider(settings, tile_upstream(settings, budget)),
                             overpass or overpass_client(settings, budget))
             reporter = asyncio.create_task(_report(pool, worker))

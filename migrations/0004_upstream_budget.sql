@@ -4,8 +4,10 @@
 -- Rate: GCRA. `tat` (theoretical arrival time) is the earliest start the next request may book; each booking moves it
 -- on by the booker's spacing (1.04 / rate s). A 429 moves it to the end of the pause, so every process waits.
 CREATE TABLE upstream_budget (
-    upstream text PRIMARY KEY,              -- e.g. 'tiles:data.geopf.fr', 'overpass:overpass-api.de'
-    tat      timestamptz NOT NULL DEFAULT '-infinity'
+    upstream     text PRIMARY KEY,          -- e.g. 'tiles:data.geopf.fr', 'overpass:overpass-api.de'
+    tat          timestamptz NOT NULL DEFAULT '-infinity',
+    -- set by a worker that found every slot held: until then, a freed slot is announced (NOTIFY) to the waiters
+    wanted_until timestamptz NOT NULL DEFAULT '-infinity'
 );
 
 -- Concurrency: one row per request slot. A slot is held while expires_at is in the future (a lease, renewed by
