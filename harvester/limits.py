@@ -140,15 +140,19 @@ INSERT INTO upstream_budget (upstream) VALUES ($1) ON CONFLICT DO NOTHING
 _SETUP_SLOTS = """
 INSERT INTO upstream_slots (upstream, slot) SELECT $1, s FROM generate_series(0, $2 - 1) s ON CONFLICT DO NOTHING
 """
-# One statement: a free slot and a start within book_ahead, both or neither. The slot's row lock (SKIP LOCKED: a slot
-# another process is taking is passed over) lasts until the statement commits; the rate row is updated under its
-# row lock, so bookings of all processes are serialized and each sees the tat of the one before.
+# One statement: a free slot and a start within book_ahead, both or neither. Locks are taken in one order by every
+# statement, the rate row first, then slot rows (a slot row that fails its recheck may stay locked to the statement's
+# end: taken after the rate row, it cannot close a cycle with a handover, which holds the rate row and waits for its
+# own slot). SKIP LOCKED passes over a slot another process is taking; the rate row's lock serializes the bookings
+# of all processes, and each sees the tat of the one before.
 # $1 upstream, $2 concurrency, $3 spacing s, $4 book_ahead s, $5 holder, $6 lease after the start s, $7 how long a
 # worker that found no free slot wants to hear of freed ones (NOTIFY costs every listener a message: only then).
 _ACQUIRE = """
-WITH free AS (
+WITH budget AS (
+    SELECT FROM upstream_budget WHERE upstream = $1 FOR UPDATE
+), free AS (
     SELECT slot FROM upstream_slots
-    WHERE upstream = $1 AND slot < $2 AND expires_at < clock_timestamp()
+    WHERE upstream = $1 AND slot < $2 AND expires_at < clock_timestamp() AND EXISTS (SELECT FROM budget)
     ORDER BY slot LIMIT 1
     FOR UPDATE SKIP LOCKED
 ), booked AS (
