@@ -1,7 +1,9 @@
 """Harvester benchmark: ``python -m bench.bench_harvester [--samples 1000]``. Prints three figures:
 
 1. End-to-end samples/s with zero-latency local fakes (run as their own process, so they do not share our GIL; their
-   tiles pre-rendered for the benchmark's points, so the fakes' own rendering does not eat the 2 cores), next to a
+   tiles pre-rendered for the benchmark's points, so the fakes' own rendering does not eat the 2 cores), with the
+   limits held by the shared budget in PostgreSQL (what ``harvester run`` does) and, on a fresh database in the same
+   run, by this process alone (the budget's cost), next to a
    baseline measured in the same run: the raw rate at which one aiohttp client fetches the same tiles from the same
    fakes with the same concurrency and does nothing else. The ratio is the share of that ceiling the harvest keeps
    while it also queries Overpass, validates, rasterizes, encodes and writes to PostgreSQL.
@@ -87,18 +89,22 @@ async def end_to_end(samples: int, concurrency: int, workdir: str, tile_files: s
     try:
         await warm_overpass(fake_env["HARVESTER_OVERPASS_URL"], points, (17, 18))
         baseline = await raw_tile_rate(fake_env["HARVESTER_TILE_URL"], points, concurrency)
-        async with TempDatabase(prefix="tilesmith_bench", migrate=True) as url:
-            settings = load_settings({
-                **fake_env, "DATABASE_URL": url, "HARVESTER_POINTS": points_csv, "HARVESTER_ZOOMS": "17,18",
-                "HARVESTER_TILE_PROVIDER": "xyz", "HARVESTER_TILE_RATE": "100000",
-                "HARVESTER_TILE_CONCURRENCY": str(concurrency), "HARVESTER_OVERPASS_RATE": "100000",
-                "HARVESTER_OVERPASS_CONCURRENCY": "8", "HARVESTER_SEED": "1"})
-            start = time.perf_counter()
-            final = await harvest(settings)
-            elapsed = time.perf_counter() - start
-        stored = final["done"]
+        figures = {}
+        for shared in (False, True):
+            async with TempDatabase(prefix="tilesmith_bench", migrate=True) as url:
+                settings = load_settings({
+                    **fake_env, "DATABASE_URL": url, "HARVESTER_POINTS": points_csv, "HARVESTER_ZOOMS": "17,18",
+                    "HARVESTER_TILE_PROVIDER": "xyz", "HARVESTER_TILE_RATE": "100000",
+                    "HARVESTER_TILE_CONCURRENCY": str(concurrency), "HARVESTER_OVERPASS_RATE": "100000",
+                    "HARVESTER_OVERPASS_CONCURRENCY": "8", "HARVESTER_SEED": "1"})
+                start = time.perf_counter()
+                final = await harvest(settings, shared_budget=shared)
+                figures[shared] = (final["done"], time.perf_counter() - start)
+        stored, elapsed = figures[True]
+        local = figures[False][0] / figures[False][1]
         return {"samples": stored, "seconds": elapsed, "samples_per_s": stored / elapsed,
-                "baseline_tiles_per_s": baseline, "ratio": (stored / elapsed) / baseline}
+                "baseline_tiles_per_s": baseline, "ratio": (stored / elapsed) / baseline,
+                "in_process_samples_per_s": local, "budget_ratio": (stored / elapsed) / local}
     finally:
         proc.terminate()
         proc.wait(10)
@@ -141,6 +147,8 @@ def main() -> None:
         e2e = asyncio.run(end_to_end(args.samples, args.concurrency, workdir))
         print(f"end to end: {e2e['samples']} samples in {e2e['seconds']:.1f} s = {e2e['samples_per_s']:.0f} samples/s"
               f" | baseline raw tile fetch {e2e['baseline_tiles_per_s']:.0f} tiles/s | ratio {e2e['ratio']:.2f}")
+        print(f"  the same with the limits held in this process only (no shared budget): "
+              f"{e2e['in_process_samples_per_s']:.0f} samples/s | shared / in-process {e2e['budget_ratio']:.2f}")
         if os.path.isdir(args.tile_files):
             real = asyncio.run(end_to_end(args.samples, args.concurrency, workdir, args.tile_files))
             print(f"end to end, real tiles ({os.path.basename(os.path.normpath(args.tile_files))}): {real['samples']}"

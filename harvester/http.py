@@ -1,10 +1,13 @@
-"""One bounded upstream: a rate limit over any one-second window, a cap on requests in flight, a timeout on every
-request, and a cap on the body size. Every request to that upstream (first tries and retries alike) passes here.
+"""One bounded upstream: a rate limit over any one-second window, a cap on requests in flight, a pause after a 429,
+a timeout on every request, and a cap on the body size. Every request to that upstream (first tries and retries
+alike) passes here.
 
 The rate is held in two stages:
 
-1. an ``aiolimiter.AsyncLimiter`` of capacity 1 refilled every ``1 / rate`` s spaces the requests evenly (a bucket of
-   capacity ``rate`` would let ``2 * rate`` through in the first second);
+1. a :class:`~harvester.limits.Limiter` grants a slot and a start time: in this process only
+   (:class:`~harvester.limits.LocalLimiter`, an ``aiolimiter.AsyncLimiter`` of capacity 1 refilled every ``1 / rate``
+   s: a bucket of capacity ``rate`` would let ``2 * rate`` through in the first second), or shared by every
+   ``harvester run`` on one database (:class:`~harvester.limits.SharedLimiter`);
 2. a :class:`SendWindow` then lets at most ``rate`` requests onto the wire in any ``SPACING_MARGIN`` (1.04) s,
    counting each request from the moment it was written to the socket (aiohttp trace hooks). Spacing alone is kept
    at the grant, and a busy event loop or a slow connect shifts the moment a request leaves by milliseconds, which
@@ -19,16 +22,14 @@ import asyncio
 import collections
 import email.utils
 import logging
-import math
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Awaitable, Callable
 
 import aiohttp
-from aiolimiter import AsyncLimiter
 
 from .errors import UpstreamError
+from .limits import SPACING_MARGIN, Limiter, LocalLimiter, SharedBudget, spacing
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,6 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-SPACING_MARGIN = 1.04
-
-
 class SendWindow:
     """At most ``count`` requests sent in any ``window`` seconds, where a request counts from the moment it left.
 
@@ -83,8 +81,7 @@ class SendWindow:
     def for_rate(cls, rate: float) -> SendWindow:
         """``rate`` per second over any 1 s (whole requests: 2.5/s allows 2 in any 1 s); below 1/s, one per ``1/rate``
         s. Both with the safety margin."""
-        count = max(1, math.floor(rate + 1e-9))
-        return cls(count, max(1.0, count / rate) * SPACING_MARGIN)
+        return cls(*spacing(rate))
 
     async def reserve(self) -> SimpleNamespace:
         loop = asyncio.get_running_loop()
@@ -143,17 +140,32 @@ def send_time_trace() -> aiohttp.TraceConfig:
     return trace
 
 
-class Upstream:
-    """Limits shared by every request to one upstream service (tile server, Overpass)."""
+def bounded_upstream(name: str, url: str, *, rate: float, concurrency: int, timeout: float, max_bytes: int,
+                     budget: SharedBudget | None = None) -> Upstream:
+    """An upstream whose limits are those of ``budget`` (every worker on the database), or this process's own."""
+    limiter = None if budget is None else budget.limiter(name, url, rate=rate, concurrency=concurrency,
+                                                         timeout=timeout)
+    return Upstream(name, rate=rate, concurrency=concurrency, timeout=timeout, max_bytes=max_bytes, limiter=limiter)
 
-    def __init__(self, name: str, *, rate: float, concurrency: int, timeout: float, max_bytes: int):
+
+class Upstream:
+    """Limits shared by every request to one upstream service (tile server, Overpass): those of ``limiter`` (by
+    default this process's own), then this process's send window. A 429 pauses the limiter for its ``Retry-After``,
+    at least ``pause_after_429`` s."""
+
+    def __init__(self, name: str, *, rate: float, concurrency: int, timeout: float, max_bytes: int,
+                 limiter: Limiter | None = None, pause_after_429: float = 1.0):
         self.name = name
         self.timeout = timeout
         self.max_bytes = max_bytes
-        self._limiter = AsyncLimiter(1, 1 / rate)
+        self.limiter = limiter or LocalLimiter(name, rate=rate, concurrency=concurrency)
+        self.pause_after_429 = pause_after_429
         self._window = SendWindow.for_rate(rate)
-        self._slots = asyncio.Semaphore(concurrency)
         self.requests_sent = 0
+
+    async def pause(self, seconds: float) -> None:
+        """Hold every request to this upstream not sent yet (of every worker, with a shared limiter)."""
+        await self.limiter.pause(seconds)
 
     async def request(
         self,
@@ -165,22 +177,21 @@ class Upstream:
         params: dict[str, str] | None = None,
         data: dict[str, str] | None = None,
         json: object | None = None,
-        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> Response:
         """Send one request; return its response whatever the status. Network errors, timeouts and oversized
         bodies raise :class:`UpstreamError` whose message names ``what`` (never the URL: it may hold a key)."""
-        async with self._slots:
-            await self._limiter.acquire()
+        async with self.limiter.slot():
             ticket = await self._window.reserve()
             try:
-                if before_send is not None:  # e.g. a pause the upstream imposed while this request was queued
-                    await before_send()
                 self.requests_sent += 1
                 async with asyncio.timeout(self.timeout):
                     async with session.request(method, url, params=params, data=data, json=json,
                                                allow_redirects=True, trace_request_ctx=ticket) as resp:
                         body = await self._read_capped(resp, what)
-                        return Response(resp.status, {k.lower(): v for k, v in resp.headers.items()}, body)
+                        response = Response(resp.status, {k.lower(): v for k, v in resp.headers.items()}, body)
+                if response.status == 429:  # before the slot is freed: no request of ours goes out meanwhile
+                    await self.pause(max(self.pause_after_429, response.retry_after() or 0.0))
+                return response
             except TimeoutError:
                 raise UpstreamError(f"{self.name}: {what}: no complete answer within {self.timeout:g} s") from None
             except aiohttp.ClientError as exc:

@@ -23,7 +23,8 @@ import aiohttp
 
 from .config import Settings
 from .errors import TileUnavailable, UpstreamError
-from .http import Response, Upstream, http_error, send_time_trace
+from .http import Response, Upstream, bounded_upstream, http_error, send_time_trace
+from .limits import SharedBudget
 from .tiles import Tile
 
 MAX_TILE_BYTES = 4 * 1024 * 1024
@@ -143,9 +144,11 @@ class GoogleProvider:
         return _tile_response(self.name, tile, resp)
 
 
-def tile_upstream(settings: Settings) -> Upstream:
-    return Upstream("tiles", rate=settings.tile_rate, concurrency=settings.tile_concurrency,
-                    timeout=settings.request_timeout, max_bytes=MAX_TILE_BYTES)
+def tile_upstream(settings: Settings, budget: SharedBudget | None = None) -> Upstream:
+    """The tile server's upstream: the limits of ``budget`` (``harvester run``), or this process's own."""
+    url = {"ign": settings.ign_url, "google": settings.google_url}.get(settings.tile_provider, settings.tile_url)
+    return bounded_upstream("tiles", url or "", rate=settings.tile_rate, concurrency=settings.tile_concurrency,
+                            timeout=settings.request_timeout, max_bytes=MAX_TILE_BYTES, budget=budget)
 
 
 def make_provider(settings: Settings, upstream: Upstream | None = None) -> TileProvider:

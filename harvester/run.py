@@ -8,6 +8,7 @@ flight finish within a grace period or are released back to the queue; a second 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import signal
@@ -21,8 +22,9 @@ from .config import Settings
 from .labels import LabelSource, OverpassLabels
 from .labels.extract import ExtractLabels, require_extract
 from .labels.overpass import MAX_RESPONSE_BYTES, OverpassClient
-from .http import Upstream
-from .providers import client_session, make_provider
+from .http import bounded_upstream
+from .limits import SharedBudget
+from .providers import client_session, make_provider, tile_upstream
 from .queue import counts, enqueue
 from .worker import Worker
 
@@ -56,15 +58,17 @@ async def _create_pool(dsn: str, *, max_size: int) -> asyncpg.Pool:
         raise db.DatabaseError(f"cannot connect to DATABASE_URL ({db.redact_url(dsn)}): {exc}") from exc
 
 
-def overpass_client(settings: Settings) -> OverpassClient:
-    upstream = Upstream("overpass", rate=settings.overpass_rate, concurrency=settings.overpass_concurrency,
-                        timeout=settings.request_timeout, max_bytes=MAX_RESPONSE_BYTES)
+def overpass_client(settings: Settings, budget: SharedBudget | None = None) -> OverpassClient:
+    upstream = bounded_upstream("overpass", settings.overpass_url, rate=settings.overpass_rate,
+                                concurrency=settings.overpass_concurrency, timeout=settings.request_timeout,
+                                max_bytes=MAX_RESPONSE_BYTES, budget=budget)
     return OverpassClient(upstream, settings.overpass_url, query_timeout=settings.overpass_query_timeout)
 
 
 async def harvest(settings: Settings, stop: asyncio.Event | None = None, *, overpass: OverpassClient | None = None,
-                  grace_s: float | None = None) -> dict[str, object]:
-    """Run the whole harvest; return the final job counts."""
+                  grace_s: float | None = None, shared_budget: bool = True) -> dict[str, object]:
+    """Run the whole harvest; return the final job counts. ``shared_budget=False`` (benchmarks only) holds the
+    limits in this process alone, as before the shared budget."""
     stop = stop or asyncio.Event()
     sampler_key, points = await asyncio.to_thread(sampler_points, settings)
     # Connections are held only for single statements: a few dozen serve any concurrency without crowding the
@@ -79,10 +83,11 @@ async def harvest(settings: Settings, stop: asyncio.Event | None = None, *, over
                                   provider=settings.tile_provider)
         log.info("queued %d new jobs for %d coordinates at zooms %s", added, len(points),
                  ",".join(map(str, settings.zooms)))
-        async with client_session(settings) as session:
+        budget_context = SharedBudget(pool, settings.database_url) if shared_budget else contextlib.nullcontext()
+        async with client_session(settings) as session, budget_context as budget:
             labels: LabelSource = ExtractLabels(pool) if settings.labels == "extract" else \
-                OverpassLabels(overpass or overpass_client(settings), session)
-            worker = Worker(settings, pool, session, make_provider(settings), labels)
+                OverpassLabels(overpass or overpass_client(settings, budget), session)
+            worker = Worker(settings, pool, session, make_provider(settings, tile_upstream(settings, budget)), labels)
             reporter = asyncio.create_task(_report(pool, worker))
             work = asyncio.create_task(worker.run(stop))
             stopped = asyncio.create_task(stop.wait())

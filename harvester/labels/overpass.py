@@ -4,7 +4,8 @@
   ``HARVESTER_OVERPASS_CONCURRENCY`` 1 by default).
 - Before the first query, and after a 429, it reads ``/api/status`` and waits for a free slot.
 - After a 429 it waits at least 30 s (or ``Retry-After`` if longer) before any further query; after a 504 it backs off
-  too. Both count as a failed attempt of the jobs that needed the answer.
+  too. Both pauses go through the upstream's limiter, so with the shared budget every worker waits. Both count as a
+  failed attempt of the jobs that needed the answer.
 - A 200 whose ``remark`` starts with ``runtime error`` is a failed attempt (the answer is incomplete).
 """
 
@@ -14,7 +15,6 @@ import asyncio
 import json
 import logging
 import re
-import time
 
 import aiohttp
 
@@ -52,6 +52,8 @@ class OverpassClient:
     def __init__(self, upstream: Upstream, url: str, *, query_timeout: int, maxsize: int = 256 * 1024 * 1024,
                  pause_after_429: float = 30.0, pause_after_504: float = 10.0, max_status_wait: float = 300.0):
         self.upstream = upstream
+        # The upstream pauses on a 429 before it frees the slot, so no query of any worker slips in before the pause.
+        upstream.pause_after_429 = max(upstream.pause_after_429, pause_after_429)
         self.url = url
         self.status_url = status_url(url)
         self.query_timeout = query_timeout
@@ -59,7 +61,6 @@ class OverpassClient:
         self.pause_after_429 = pause_after_429
         self.pause_after_504 = pause_after_504
         self.max_status_wait = max_status_wait
-        self._paused_until = 0.0
         self._must_check_status = True
         self._status_lock = asyncio.Lock()
 
@@ -68,16 +69,15 @@ class OverpassClient:
         """Building footprints intersecting ``bounds`` (west, south, east, north), whole (never cut at the bbox)."""
         await self._wait_for_slot(session)
         query = building_query(bounds, self.query_timeout, self.maxsize)
-        resp = await self.upstream.request(session, "POST", self.url, data={"data": query}, what="building query",
-                                           before_send=self._respect_pause)
-        self._check_status(resp)
+        resp = await self.upstream.request(session, "POST", self.url, data={"data": query}, what="building query")
+        await self._check_status(resp)
         try:
             payload = json.loads(resp.body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise OverpassError(f"overpass: malformed JSON ({exc.__class__.__name__}: {str(exc)[:80]})") from None
         return parse_buildings(payload)
 
-    def _check_status(self, resp: Response) -> None:
+    async def _check_status(self, resp: Response) -> None:
         if resp.status == 200:
             if resp.content_type and "json" not in resp.content_type:
                 raise OverpassError(f"overpass: expected JSON, got {resp.content_type}: "
@@ -85,39 +85,25 @@ class OverpassClient:
             return
         err = http_error("overpass", "building query", resp)
         if resp.status == 429:
-            pause = max(self.pause_after_429, err.retry_after or 0.0)
-            self._pause(pause)
+            pause = max(self.pause_after_429, err.retry_after or 0.0)  # the upstream has paused for it already
             self._must_check_status = True
             err.retry_after = pause
         elif resp.status == 504:
             pause = max(self.pause_after_504, err.retry_after or 0.0)
-            self._pause(pause)
+            await self.upstream.pause(pause)
             err.retry_after = pause
         elif resp.status == 406:
             err = UpstreamError(f"{err} (Overpass refuses requests without an identifying User-Agent: set "
                                 "HARVESTER_USER_AGENT to name the application and a contact)", status=406)
         raise err
 
-    async def _respect_pause(self) -> None:
-        """Hold a query that was already queued when a 429 or 504 started a pause (the pause may be extended)."""
-        while (delay := self._paused_until - time.monotonic()) > 0:
-            await asyncio.sleep(delay)
-
-    def _pause(self, seconds: float) -> None:
-        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
-        log.warning("overpass: pausing queries for %.0f s", seconds)
-
     async def _wait_for_slot(self, session: aiohttp.ClientSession) -> None:
-        async with self._status_lock:
-            delay = self._paused_until - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        async with self._status_lock:  # the status request waits for any pause in the upstream's limiter
             if not self._must_check_status:
                 return
             waited = 0.0
             while True:
-                resp = await self.upstream.request(session, "GET", self.status_url, what="status",
-                                                   before_send=self._respect_pause)
+                resp = await self.upstream.request(session, "GET", self.status_url, what="status")
                 text = resp.body.decode("utf-8", "replace") if resp.status == 200 else ""
                 wait = seconds_until_slot(text)
                 if wait is None:

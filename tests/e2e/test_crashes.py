@@ -238,8 +238,8 @@ def _harvest_with(n_processes: int, url: str, up: FakeUpstreams, points: Path, w
 def test_four_processes_share_the_queue_without_doing_a_job_twice(migrated_database_url, empty_database_url,
                                                                     tmp_path):
     """Four ``harvester migrate`` then four ``harvester run`` on one database: every tile fetched exactly once, every
-    area queried once, every job done once. The same work by one process is the throughput baseline (each process
-    holds its own rate limiter, so four processes may send four times HARVESTER_TILE_RATE to the tile server)."""
+    area queried once, every job done once. The same work by one process is the throughput baseline (the four share
+    one budget per upstream, so where HARVESTER_TILE_RATE binds they are no faster than one)."""
     world = World(seed=22)
     points = write_points(tmp_path / "points.csv", 36, seed=22)
     expected = expected_tiles(points)
@@ -268,7 +268,7 @@ def test_four_processes_share_the_queue_without_doing_a_job_twice(migrated_datab
         one_rate = up.stats()["xyz"]["max_per_second"]
 
     n = len(expected)
-    print(f"\nthroughput, {n} samples, tile rate {TILE_RATE_PER_PROCESS}/s and concurrency 4 per process, "
+    print(f"\nthroughput, {n} samples, tile rate {TILE_RATE_PER_PROCESS}/s and concurrency 4 shared by all, "
           "fake latency 50 ms:")
     for label, (wall, span, done), peak in (("1 process", one, one_rate), ("4 processes", many, four_rate)):
         rate = done / span if span > 0 else float("inf")

@@ -368,7 +368,8 @@ def test_tile_fault_on_every_request(db, up, world, tmp_path, fault):
     """Probability 1.0: a failing fault ends every job failed after exactly max_attempts requests for its tile; 404
     and blank skip it after one; an image with the wrong content type is still the right image (done)."""
     up.set_faults("xyz", {fault: 1.0})
-    points = grid(6)
+    # a 429 pauses every tile request (Retry-After, at least 1 s): the attempts of all jobs queue behind each pause
+    points = grid(2) if fault.startswith("rate_limited") else grid(6)
     # hang: each attempt waits out the 2 s timeout, so two attempts, all jobs at once
     slow = {"HARVESTER_MAX_ATTEMPTS": "2", "HARVESTER_TILE_CONCURRENCY": "12"} if fault == "hang" else {}
     run = harvest_run(db, up, tmp_path, points, **slow)
