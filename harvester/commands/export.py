@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from ..config import Settings, add_setting_flags
+from ..errors import ConfigError
 from ..splits import SPLITS
 
 log = logging.getLogger(__name__)
@@ -14,20 +15,10 @@ log = logging.getLogger(__name__)
 HELP = "write the samples of one zoom as .npz batches"
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zoom", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--batch-size", type=_positive, default=256)
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--split", choices=SPLITS, help="only this split (default: each split to its own files)")
     add_setting_flags(parser, ("DATABASE_URL",))
 
@@ -35,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def main(args: argparse.Namespace, settings: Settings) -> int:
     from ..export import export
 
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size: must be >= 1")
     written = await export(settings.database_url, args.zoom, args.out, batch_size=args.batch_size,
                            splits=(args.split,) if args.split else SPLITS)
     log.info("exported %s", ", ".join(f"{k}={v}" for k, v in written.items()))
