@@ -552,3 +552,22 @@ def test_mask_to_geojson_gives_one_polygon_per_building():
     pixel_deg = (bounds.east - bounds.west) / 256
     assert west == pytest.approx(bounds.west + 30 * pixel_deg) and east == pytest.approx(bounds.west + 50 * pixel_deg)
     assert north < bounds.north and south > bounds.south and first.is_valid
+
+
+def test_geojson_splits_touching_buildings_where_the_model_predicts_a_border_between_them():
+    from shapely.geometry import shape
+
+    from trainer.predict import mask_to_geojson
+
+    mask = np.zeros((256, 256), bool)
+    mask[40:60, 40:80] = True  # two 20x20 squares side by side: one blob in the mask
+    border = np.zeros((256, 256), bool)
+    border[40:60, 59:61] = True  # the model's border between them
+    tile = mercantile.Tile(66400, 45100, 17)
+    assert len(mask_to_geojson(mask, tile)["features"]) == 1
+    assert len(mask_to_geojson(mask, tile, np.zeros_like(border))["features"]) == 1
+    apart = mask_to_geojson(mask, tile, border)["features"]
+    assert sorted(f["properties"]["pixels"] for f in apart) == [400, 400]  # the border shared out, nothing lost
+    polygons = [shape(f["geometry"]) for f in apart]
+    assert all(p.is_valid and len(p.exterior.coords) == 5 for p in polygons)  # squares stay 4 corners
+    assert polygons[0].intersection(polygons[1]).area == pytest.approx(0, abs=1e-18)
