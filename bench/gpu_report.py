@@ -369,12 +369,17 @@ def main(argv: list[str] | None = None) -> int:
     report["loader_batch"] = batches[bases[0]][-1]
     report["loader"] = loader_rows(loader_url, report["loader_batch"], workers, samples)
     report["training"] = short_training(dubai_url, *train, workers=workers[-1])
+    return finish(report, started, print_table, args.out)
+
+
+def finish(report: dict, started: float, show, out: Path | None) -> int:
+    """Time the report, print it with ``show``, write it as JSON to ``out`` when given."""
     report["seconds"] = time.perf_counter() - started
-    print_table(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    show(report)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
     return 0
 
 
@@ -407,13 +412,7 @@ def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
               "all_building_iou": splits["test"][1]}
     report["quality"] = quality_run(url, base=base, depth=depth, batch=batch, steps=steps, workers=workers,
                                     lr=args.lr)
-    report["seconds"] = time.perf_counter() - started
-    print_quality_table(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
-    return 0
+    return finish(report, started, print_quality_table, args.out)
 
 
 if __name__ == "__main__":
