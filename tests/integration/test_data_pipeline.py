@@ -394,7 +394,7 @@ async def _populate_uniform(url: str, count: int) -> None:
 def test_memory_stays_bounded_whatever_the_table_size(migrated_database_url):
     rows, batch_size, prefetch, workers = 400, 8, 2, 2
     asyncio.run(_populate_uniform(migrated_database_url, rows))
-    decoded_sample = 256 * 256 * 4
+    decoded_sample = 256 * 256 * 5  # RGB, mask, border target
     with SampleStream(migrated_database_url, "train", None, batch_size, prefetch=prefetch,
                       decode_workers=workers) as stream:
         order = stream.order(0)
