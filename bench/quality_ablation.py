@@ -1,5 +1,5 @@
 """Ablation of the issue-11 recipe at equal steps: one ``trainer train`` + ``trainer evaluate --json`` per row, each
-row adding one change to the row before, all on the same Dubai database, the same seed and the same number of steps.
+row today's recipe plus the changes it names, all on the same Dubai database, the same seed and the same number of steps.
 
     python -m bench.quality_ablation [--database-url URL] [--steps 250] [--base-filters 8] [--batch-size 8]
 
@@ -31,14 +31,19 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.real_imagery import DATABASES, drop_database, fresh_database, load  # noqa: E402
 
-# (name, split, train flags, evaluate flags): each row adds one change to the one before it.
+# (name, split, train flags, evaluate flags): each row is today's recipe with the changes it names.
+PLAIN = ["--no-borders", "--no-residual", "--separation-weight", "0"]
 ROWS = [
-    ("today's recipe (split Tile_1-6 / Tile_7)", "old", ["--no-borders", "--no-residual"], []),
-    ("+ split: Tile_7 images 4-9 train", "new", ["--no-borders", "--no-residual"], []),
-    ("+ border output", "new", ["--borders", "--no-residual"], []),
-    ("+ separation weight 5", "new", ["--borders", "--separation-weight", "5", "--no-residual"], []),
-    ("+ residual blocks", "new", ["--borders", "--separation-weight", "5", "--residual"], []),
-    ("+ 8-fold TTA", "new", ["--borders", "--separation-weight", "5", "--residual"], ["--tta"]),
+    ("today's recipe (split Tile_1-6 / Tile_7)", "old", PLAIN, []),  # 0
+    ("split: Tile_7 images 4-9 train", "new", PLAIN, []),  # 1
+    ("split + border output, BCE + Dice", "new", ["--borders", "--border-dice-weight", "1", "--no-residual",
+                                                  "--separation-weight", "0"], []),  # 2
+    ("split + separation weight 5", "new", ["--no-borders", "--no-residual", "--separation-weight", "5"], []),  # 3
+    ("split + border output, BCE", "new", ["--borders", "--border-dice-weight", "0", "--no-residual",
+                                           "--separation-weight", "0"], []),  # 4
+    ("split + residual blocks", "new", ["--no-borders", "--residual", "--separation-weight", "0"], []),  # 5
+    ("split + residual blocks + 8-fold TTA", "new", ["--no-borders", "--residual", "--separation-weight", "0"],
+     ["--tta"]),  # 6
 ]
 
 

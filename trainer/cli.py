@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                        f"(default {'on' if defaults.borders else 'off'})")
     train.add_argument("--border-weight", type=_non_negative_float, default=defaults.border_weight,
                        help=f"weight of the border output's loss (default {defaults.border_weight:g})")
+    train.add_argument("--border-dice-weight", type=_non_negative_float, default=defaults.border_dice_weight,
+                       help=f"weight of a Dice term on the border output (default {defaults.border_dice_weight:g})")
     train.add_argument("--separation-weight", type=_non_negative_float, default=defaults.separation_weight,
                        help="extra BCE weight of border/gap pixels, the U-Net paper's weight map "
                        f"(default {defaults.separation_weight:g})")
@@ -211,7 +213,8 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=resolve_batch_size(args.batch_size, args.base_filters), base_filters=args.base_filters, depth=args.depth, learning_rate=args.lr,
         seed=args.seed, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         compute_dtype=args.compute_dtype, augment=args.augment, decode_workers=args.decode_workers,
-        borders=args.borders, border_weight=args.border_weight, separation_weight=args.separation_weight,
+        borders=args.borders, border_weight=args.border_weight, border_dice_weight=args.border_dice_weight,
+        separation_weight=args.separation_weight,
         residual=args.residual,
     )
     if config.seed < 0:

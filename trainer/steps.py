@@ -107,6 +107,7 @@ class StepSpec(NamedTuple):
     dice_weight: float
     borders: bool
     border_weight: float
+    border_dice_weight: float
     separation_weight: float
     residual: bool
     learning_rate: float
@@ -140,6 +141,7 @@ def compiled_functions(spec: StepSpec, mesh: Mesh) -> tuple[optax.GradientTransf
     step = jax.jit(
         functools.partial(train_step, graphdef=graphdef, tx=tx, seed=spec.seed, augment=spec.augment,
                           loss_options=dict(dice_weight=spec.dice_weight, border_weight=spec.border_weight,
+                                            border_dice_weight=spec.border_dice_weight,
                                             separation_weight=spec.separation_weight)),
         in_shardings=(replicated(mesh), batch_sharded(mesh)),
         out_shardings=(replicated(mesh), replicated(mesh)),

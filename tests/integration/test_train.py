@@ -438,7 +438,7 @@ def test_a_workdir_from_before_issue_11_still_evaluates_as_the_model_it_was(trai
     workdir = tmp_path / "old"
     train_and_evaluate(tiny_config(trained["url"], steps=2, borders=False, residual=False), workdir)
     config = json.loads((workdir / "config.json").read_text())
-    for key in ("borders", "residual", "border_weight", "separation_weight"):
+    for key in ("borders", "residual", "border_weight", "border_dice_weight", "separation_weight"):
         del config[key]
     (workdir / "config.json").write_text(json.dumps(config))
     assert cli("evaluate", "--workdir", str(workdir), "--database-url", trained["url"], "--json") == 0
