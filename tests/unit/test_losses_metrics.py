@@ -187,3 +187,19 @@ def test_no_buildings_anywhere_is_a_perfect_object_score():
     metrics = SegmentationMetrics()
     metrics.update(np.array([[0, 0, 0, 64]]), np.array([True]), np.array([17]), empty, empty)
     assert metrics.result()["object_f1"] == 1.0
+
+
+def test_objects_are_split_along_the_border_maps():
+    # three 10x10 buildings in a row, touching: one blob in the mask; borders at the two shared edges
+    mask = np.zeros((32, 40), bool)
+    mask[5:15, 5:35] = True
+    border = np.zeros((32, 40), np.uint8)
+    border[5:15, 14:16] = border[5:15, 24:26] = 1
+    assert match_objects(mask, mask) == (1, 1, 1)  # no borders: one blob each
+    assert match_objects(mask, mask, actual_border=border) == (0, 1, 3)  # the blob is a third of each: no match
+    assert match_objects(mask, mask, predicted_border=border, actual_border=border) == (3, 3, 3)
+    metrics = SegmentationMetrics()
+    counts = np.array([[mask.sum(), 0, 0, mask.size - mask.sum()]])
+    metrics.update(counts, np.array([True]), np.array([18]), mask[None], mask[None].astype(np.uint8),
+                   predicted_borders=border[None], true_borders=border[None])
+    assert metrics.result()["object_f1"] == 1.0
