@@ -44,6 +44,8 @@ ROWS = [
     ("split + residual blocks", "new", ["--no-borders", "--residual", "--separation-weight", "0"], []),  # 5
     ("split + residual blocks + 8-fold TTA", "new", ["--no-borders", "--residual", "--separation-weight", "0"],
      ["--tta"]),  # 6
+    ("split + residual + border output (BCE, prior bias)", "new", ["--borders", "--border-dice-weight", "0",
+                                                                   "--residual", "--separation-weight", "0"], []),  # 7
 ]
 
 

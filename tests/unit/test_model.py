@@ -127,3 +127,16 @@ def test_norm_groups_divide_channels():
     for channels in (1, 4, 6, 8, 12, 32, 64, 1024):
         assert channels % norm_groups(channels) == 0
     assert norm_groups(64) == 8
+
+
+def test_border_logit_starts_at_the_prior():
+    import math
+
+    from trainer.model import BORDER_PRIOR, split_logits
+
+    model = UNet(base_filters=4, depth=1, outputs=2, rngs=nnx.Rngs(0))
+    assert model.head.bias[...].tolist() == pytest.approx([0.0, math.log(BORDER_PRIOR / (1 - BORDER_PRIOR))])
+    plain = UNet(base_filters=4, depth=1, rngs=nnx.Rngs(0))
+    assert plain.head.bias[...].tolist() == [0.0]
+    building, border = split_logits(model(jnp.zeros((1, 16, 16, 3))))
+    assert building.shape == border.shape == (1, 16, 16)
