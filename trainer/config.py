@@ -62,7 +62,7 @@ class TrainConfig:
     # The building BCE of a border/gap pixel weighs 1 + separation_weight (the U-Net paper's weight map); 0 = off.
     separation_weight: float = 0.0
     # Residual U-Net blocks (each block's input added to its output, 1x1 projection where the width changes).
-    residual: bool = False
+    residual: bool = True
     # Seed of parameter initialisation, data shuffling and augmentation: the same seed gives the same run.
     seed: int = 0
     # Random dihedral transform + brightness/contrast jitter of each training sample, on the device.
