@@ -13,9 +13,10 @@ Buildings are the ``instances`` of the sample where the data set has them (SPEC:
 so only their gaps are known). A lone building, or an empty tile, has no border pixel.
 
 It is computed by the decode workers of the input pipeline, beside the PNG decoding, not on the device: the 16-bit
-instance PNG is decoded there anyway, connected components have no counterpart in XLA, and it costs about 1 ms a
-tile (four 3x3/5x5 rank filters) where a worker spends several ms decoding the JPEG; the device then only sees one
-more uint8 plane per sample.
+instance PNG is decoded there anyway, connected components have no counterpart in XLA, and the device then only sees
+one more uint8 plane per sample. The cost is not small: 1.7 ms a tile on the shared 2-core machine (labelling and
+four rank filters), about as much again as fetching and decoding the sample (~1 ms); more ``--decode-workers`` pay
+for it where cores are free.
 
 **Separation** (:func:`separate_buildings`): interiors = building pixels not predicted border; their 4-connected
 components are the seeds; each seed grows back into the building pixels (first the border pixels it touches, in

@@ -17,7 +17,8 @@ Departures from the paper, and why:
   ``outputs=2`` a second, independent sigmoid logit per pixel: "border/gap between two buildings" (issue 11, the
   SpaceNet 2 winners' recipe; :mod:`trainer.instances`), which ``predict`` and the object metric use to split touching
   buildings apart. Its bias starts at the logit of :data:`BORDER_PRIOR` (the prior initialisation of Lin et al.,
-  arXiv:1708.02002): borders are about 1 % of the pixels, and from 0 the border loss's first gradients, all pushing
+  arXiv:1708.02002): borders are rare (0.02 % of the Dubai pixels, on 14 % of its tiles; more where ``instances``
+  show touching buildings), and from 0 the border loss's first gradients, all pushing
   every pixel to "no border", swamped the building output (building IoU 0.23 against 0.54 at 250 CPU steps).
 * ``residual=True``: each block adds its input (through a 1x1 projection where the width changes) to its output
   before the last ReLU (He et al., arXiv:1512.03385; the "residual U-Nets" of the Inria results).
