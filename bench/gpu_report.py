@@ -15,6 +15,14 @@ then, on the GPU host (the device tool: carry ``.whl`` and ``.gpu-data``)::
 
     PYTHONUNBUFFERED=1 python3 bench/gpu_report.py --data .gpu-data/dubai-aerial --out $OUT/gpu_report.json
 
+``--quality`` runs the model-quality run of issue 11 instead (its own call: under 8 minutes on an H100/H200): the
+Dubai crops of ``Tile_1``-``Tile_7`` (945) to train, ``Tile_8`` (360) to test, decoded from the JPEGs on the host;
+each recipe of :data:`QUALITY_RECIPES` trained from scratch for ``--train-steps`` steps (default 2,500) at batch 32,
+base 32, then its test IoU, F1, precision, recall and object F1, with and without 8-fold TTA, printed as the issue's
+table (the all-building baseline beside)::
+
+    PYTHONUNBUFFERED=1 python3 bench/gpu_report.py --quality --data .gpu-data/dubai-aerial --out $OUT/quality.json
+
 ``--quick`` runs every part at toy sizes (a U-Net of width 4-8, a few steps, Tile_1/7/8 only): it proves the script
 end to end on a CPU in a couple of minutes; its figures mean nothing.
 """
@@ -119,8 +127,19 @@ def dubai_crops(image_path: Path, mask_path: Path, quality: int = 95) -> list[tu
     return out
 
 
-def load_dubai(admin_url: str, data: Path, folders: list[int] | None) -> tuple[str, str]:
-    """Two databases: ``loader`` (every crop in split train) and ``dubai`` (split by folder: 7 val, 8 test)."""
+def folder_split(folder: int, _image: int) -> str:
+    return "val" if folder == 7 else "test" if folder == 8 else "train"
+
+
+def quality_split(folder: int, _image: int) -> str:
+    """The quality run's split: Tile_8 test, every other folder train (no validation: the run keeps the last step)."""
+    return "test" if folder == 8 else "train"
+
+
+def load_dubai(admin_url: str, data: Path, folders: list[int] | None, layouts: dict | None = None) -> list[str]:
+    """One database per ``layouts`` entry (name -> split of (folder, image)); by default ``loader`` (every crop in
+    split train) and ``dubai`` (split by folder: 7 val, 8 test). Returns their URLs in that order."""
+    layouts = layouts or {"loader": lambda folder, image: "train", "dubai": folder_split}
     import asyncpg
 
     pairs = [(int(d.name.split("_")[1]), p, d / "masks" / f"{p.stem}.png")
@@ -132,19 +151,19 @@ def load_dubai(admin_url: str, data: Path, folders: list[int] | None) -> tuple[s
     async def fill() -> None:
         admin = await asyncpg.connect(admin_url)
         try:
-            for name in ("loader", "dubai"):
+            for name in layouts:
                 await admin.execute(f"DROP DATABASE IF EXISTS {name}")
                 await admin.execute(f"CREATE DATABASE {name}")
         finally:
             await admin.close()
-        for name in ("loader", "dubai"):
+        for name, split_of in layouts.items():
             conn = await asyncpg.connect(database_url(admin_url, name))
             try:
                 await conn.execute(DATASET_TABLE)
                 rows = []
                 for (folder, image_path, _), samples in zip(pairs, crops):
-                    split = "train" if name == "loader" else "val" if folder == 7 else "test" if folder == 8 else "train"
                     number = int(image_path.stem.rsplit("_", 1)[1])
+                    split = split_of(folder, number)
                     rows += [("dubai", 18, folder * 1000 + number, k, split, jpeg, "jpeg", png, pixels)
                              for k, (jpeg, png, pixels) in enumerate(samples)]
                 await conn.copy_records_to_table(
@@ -154,7 +173,7 @@ def load_dubai(admin_url: str, data: Path, folders: list[int] | None) -> tuple[s
                 await conn.close()
 
     asyncio.run(fill())
-    return database_url(admin_url, "loader"), database_url(admin_url, "dubai")
+    return [database_url(admin_url, name) for name in layouts]
 
 
 # ---------------------------------------------------------------------------------------------------- parts
@@ -194,8 +213,10 @@ def loader_rows(url: str, batch: int, workers: list[int], samples: int) -> list[
     return rows
 
 
-def short_training(url: str, base: int, depth: int, batch: int, steps: int, workers: int) -> dict:
-    """Train ``steps`` steps on split train (no checkpoints), then the IoU over every sample of split test."""
+def short_training(url: str, base: int, depth: int, batch: int, steps: int, workers: int, *, lr: float = 1e-3,
+                   options: dict | None = None, tta: tuple[bool, ...] = (False,), objects: bool = False) -> dict:
+    """Train ``steps`` steps on split train (no checkpoints), then the metrics over every sample of split test
+    (``test_*``; with ``tta`` True as well, ``tta_test_*`` too). ``options``: further TrainConfig fields."""
     import jax
 
     from trainer.config import TrainConfig
@@ -204,7 +225,7 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
                                make_mesh)
 
     config = TrainConfig(database_url=url, steps=steps, batch_size=batch, base_filters=base, depth=depth,
-                         decode_workers=workers, learning_rate=1e-3)
+                         decode_workers=workers, learning_rate=lr, **(options or {}))
     mesh = make_mesh(batch)
     _, graphdef, init, step_fn = compiled_functions(StepSpec.of(config, steps), mesh)
     state = init()
@@ -222,7 +243,7 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
                         waited += time.perf_counter() - t
                     if item is None:
                         break
-                    state, metrics = step_fn(state, {k: item[k] for k in ("images", "masks", "valid")})
+                    state, metrics = step_fn(state, {k: item[k] for k in ("images", "masks", "borders", "valid")})
                     done += 1
                     if done == 1:  # after the compile: time the rest
                         jax.block_until_ready(metrics)
@@ -232,12 +253,51 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
             epoch += 1
         jax.block_until_ready(state)
     train_s = time.perf_counter() - (timed_from or started)
+    out = {"base_filters": base, "depth": depth, "batch_size": batch, "steps": steps, "lr": lr,
+           "options": options or {}, "epochs_started": epoch, "images_per_s": (steps - 1) * batch / train_s,
+           "data_wait_fraction": waited / train_s, "train_s": train_s}
     with SampleStream(url, "test", None, batch, shuffle=False, pad_last=True, decode_workers=workers) as test:
-        result = evaluate_stream(compile_eval_step(graphdef, mesh), state.params, test, mesh, objects=False)
-    return {"base_filters": base, "depth": depth, "batch_size": batch, "steps": steps, "epochs_started": epoch,
-            "images_per_s": (steps - 1) * batch / train_s, "data_wait_fraction": waited / train_s,
-            "test_iou": result["iou"], "test_f1": result["f1"], "test_samples": result["samples"],
-            "seconds": time.perf_counter() - started}
+        for with_tta in tta:
+            result = evaluate_stream(compile_eval_step(graphdef, mesh, with_tta), state.params, test, mesh,
+                                     objects=objects)
+            prefix = "tta_test_" if with_tta else "test_"
+            out.update({prefix + k: v for k, v in result.items() if k != "per_zoom"})
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+# (name, TrainConfig fields): today's recipe, and the changes the CPU ablation kept or left open (README)
+QUALITY_RECIPES = [
+    ("today", {"borders": False, "residual": False, "separation_weight": 0.0}),
+    ("residual", {"borders": False, "residual": True, "separation_weight": 0.0}),
+    ("residual + borders", {"borders": True, "residual": True, "separation_weight": 0.0}),
+]
+
+
+def quality_run(url: str, *, base: int, depth: int, batch: int, steps: int, workers: int, lr: float) -> list[dict]:
+    rows = []
+    for name, options in QUALITY_RECIPES:
+        row = short_training(url, base, depth, batch, steps, workers, lr=lr, options=options,
+                             tta=(False, True) if options["residual"] else (False,), objects=True)
+        row["recipe"] = name
+        rows.append(row)
+        print(f"quality: {json.dumps(row)}", flush=True)
+    return rows
+
+
+def print_quality_table(report: dict) -> None:
+    print(f"\n== quality run: {report['device']} ({report['backend']}), Dubai Tile_1-7 train ({report['train_samples']}"
+          f" crops), Tile_8 test{' (QUICK: toy sizes, figures mean nothing)' if report['quick'] else ''}")
+    print("| U-Net | test IoU | F1 | precision | recall | object F1 (SpaceNet, IoU >= 0.5) | steps | train s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in report["quality"]:
+        for prefix, tag in (("test_", ""), ("tta_test_", " + 8-fold TTA")):
+            if prefix + "iou" in r:
+                print(f"| {r['recipe']}{tag}, base {r['base_filters']} | {r[prefix + 'iou']:.3f} | {r[prefix + 'f1']:.3f} |"
+                      f" {r[prefix + 'precision']:.3f} | {r[prefix + 'recall']:.3f} | {r[prefix + 'object_f1']:.3f} |"
+                      f" {r['steps']} | {r['train_s']:.0f} |")
+    print(f"| every pixel \"building\" | {report['all_building_iou']:.3f} | | | | | | |")
+    print(f"{report['seconds']:.0f} s in all")
 
 
 def print_table(report: dict) -> None:
@@ -266,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=GPU_DATA / "dubai-aerial", help="the dubai-aerial folder")
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     parser.add_argument("--quick", action="store_true", help="toy sizes: proves the script on a CPU")
-    parser.add_argument("--train-steps", type=int, help="steps of the short training (default 300; quick 6)")
+    parser.add_argument("--train-steps", type=int, help="steps of the short training (default 300; quick 6) or, "
+                        "with --quality, of each recipe (default 2500; quick 4)")
+    parser.add_argument("--quality", action="store_true", help="the model-quality run (issue 11) instead")
+    parser.add_argument("--lr", type=float, default=1e-3, help="--quality: peak learning rate (default 1e-3)")
     args = parser.parse_args(argv)
     if args.prepare:
         data = args.data if args.data.is_dir() and args.data != GPU_DATA / "dubai-aerial" else (
@@ -285,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="tilesmith-gpu-report-"))
     cache = root / "jax-cache"
     compile_cache.enable(str(cache))
+    if args.quality:
+        return quality_main(args, started, root)
     if args.quick:
         bases, depth, steps, folders, workers, samples = [4, 8], 2, 2, [1, 7, 8], [1, 2], 200
         batches = {4: [2, 4], 8: [2, 4]}
@@ -295,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         train = (32, 4, resolve_batch_size("auto", 32), args.train_steps or 300)
     admin = start_postgres(root)
     loader_url, dubai_url = load_dubai(admin, args.data, folders)
+
     print(f"postgres up, dubai loaded: {time.perf_counter() - started:.0f} s", flush=True)
     device = jax.devices()[0]
     report = {"device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
@@ -304,13 +370,50 @@ def main(argv: list[str] | None = None) -> int:
     report["loader_batch"] = batches[bases[0]][-1]
     report["loader"] = loader_rows(loader_url, report["loader_batch"], workers, samples)
     report["training"] = short_training(dubai_url, *train, workers=workers[-1])
+    return finish(report, started, print_table, args.out)
+
+
+def finish(report: dict, started: float, show, out: Path | None) -> int:
+    """Time the report, print it with ``show``, write it as JSON to ``out`` when given."""
     report["seconds"] = time.perf_counter() - started
-    print_table(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    show(report)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
     return 0
+
+
+def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
+    """``--quality``: load Tile_1-7 as train and Tile_8 as test, train each recipe, print the issue's table."""
+    import asyncpg
+    import jax
+
+    if args.quick:  # a toy U-Net on 3 folders: proves the run end to end on a CPU
+        base, depth, batch, steps, folders, workers = 4, 2, 4, args.train_steps or 4, [2, 3, 8], 2
+    else:
+        base, depth, batch, steps, folders, workers = 32, 4, 32, args.train_steps or 2500, None, min(16, os.cpu_count())
+    (url,) = load_dubai(start_postgres(root), args.data, folders, {"quality": quality_split})
+
+    async def counts() -> dict:
+        conn = await asyncpg.connect(url)
+        try:
+            rows = await conn.fetch("SELECT split, count(*) AS n, sum(building_pixels)::float8 AS b FROM dataset"
+                                    " GROUP BY split")
+        finally:
+            await conn.close()
+        return {r["split"]: (r["n"], r["b"] / (r["n"] * 256 * 256)) for r in rows}
+
+    splits = asyncio.run(counts())
+    print(f"postgres up, dubai loaded ({splits}): {time.perf_counter() - started:.0f} s", flush=True)
+    device = jax.devices()[0]
+    report = {"device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+              "cpus": os.cpu_count(), "quick": args.quick, "load_average": os.getloadavg()[0],
+              "train_samples": splits["train"][0], "test_samples": splits["test"][0],
+              "all_building_iou": splits["test"][1]}
+    report["quality"] = quality_run(url, base=base, depth=depth, batch=batch, steps=steps, workers=workers,
+                                    lr=args.lr)
+    return finish(report, started, print_quality_table, args.out)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@ a small U-Net for a bounded time, evaluate it on ``test`` and print one line of 
 (all background: IoU 0; all building: IoU = the building share of the test pixels).
 
     python -m bench.real_imagery dubai|kampala [--minutes 8] [--base-filters 8] [--depth 4] [--batch-size 8]
+                                 [--train-args="--no-borders --no-residual"]
 
 - ``dubai``: ``../shared/data/dubai-aerial`` loaded by :func:`trainer.datasets.load_dubai` (provider ``dubai``; split
-  by folder: Tile_1..6 train, Tile_7 val, Tile_8 test) into the database ``tilesmith_real_dubai``.
+  by image: Tile_8 test, images 1-3 of Tile_7 val, the rest train) into the database ``tilesmith_real_dubai``.
 - ``kampala``: ``../shared/data/kampala-oam`` harvested through the whole harvester by
   :func:`bench.harvest_kampala.harvest_kampala` (provider ``xyz``, zooms 19, 20, 21), then
   :func:`bench.harvest_kampala.apply_block_splits` (5 zoom-19 blocks train, 1 val, 1 test), into
@@ -13,7 +14,8 @@ a small U-Net for a bounded time, evaluate it on ``test`` and print one line of 
 
 The training budget is turned into ``trainer train --steps N``: a few train steps of the same model are timed first
 (``trainer benchmark``) and N = budget / step time. The database is created fresh (dropped first if left over) and
-dropped at the end unless ``--keep``; the work directory is a temporary one unless ``--workdir``.
+dropped at the end unless ``--keep``; the work directory is a temporary one unless ``--workdir``. ``--train-args``
+passes further flags to ``trainer train`` (the recipe: defaults otherwise).
 """
 
 from __future__ import annotations
@@ -100,13 +102,14 @@ def _trainer(*args: str, url: str) -> subprocess.CompletedProcess:
 
 
 def run(dataset: str, minutes: float, *, base_filters: int, depth: int, batch_size: int, lr: float,
-        root: Path | None = None, workdir: Path | None = None, keep: bool = False) -> dict:
+        root: Path | None = None, workdir: Path | None = None, keep: bool = False,
+        train_args: tuple[str, ...] = (), steps: int | None = None) -> dict:
     root = root or SHARED_DATA / {"dubai": "dubai-aerial", "kampala": "kampala-oam"}[dataset]
     if not root.is_dir():
         raise SystemExit(f"error: {root} not found (see ../shared/data/README.md)")
     name = DATABASES[dataset]
     result: dict = {"dataset": dataset, "database": name, "base_filters": base_filters, "depth": depth,
-                    "batch_size": batch_size, "lr": lr}
+                    "batch_size": batch_size, "lr": lr, "train_args": list(train_args)}
     url = fresh_database(name)
     try:
         started = time.perf_counter()
@@ -118,10 +121,10 @@ def run(dataset: str, minutes: float, *, base_filters: int, depth: int, batch_si
         result["baselines"] = baselines(stats["test"]["building_share"])
 
         started = time.perf_counter()
-        step_s = calibrate_step_s(base_filters, depth, batch_size)
+        step_s = calibrate_step_s(base_filters, depth, batch_size) if steps is None else float("nan")
         result["calibration_s"] = round(time.perf_counter() - started, 1)
         # The run also compiles (about as long as the calibration), validates and checkpoints: leave room for it.
-        steps = max(10, int(minutes * 60 * 0.9 / step_s))
+        steps = steps or max(10, int(minutes * 60 * 0.9 / step_s))
         every = max(5, steps // 4)
         result.update(step_s_calibrated=round(step_s, 3), steps=steps)
 
@@ -131,7 +134,7 @@ def run(dataset: str, minutes: float, *, base_filters: int, depth: int, batch_si
             train = _trainer("train", "--workdir", str(run_dir), "--steps", str(steps), "--batch-size",
                              str(batch_size), "--base-filters", str(base_filters), "--depth", str(depth),
                              "--lr", str(lr), "--eval-every", str(every), "--checkpoint-every", str(every),
-                             "--seed", "0", url=url)
+                             "--seed", "0", *train_args, url=url)
             result["train_s"] = round(time.perf_counter() - started, 1)
             if train.returncode != 0:
                 raise SystemExit(f"trainer train failed ({train.returncode}):\n{train.stderr[-3000:]}")
@@ -173,12 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep checkpoints and metrics here (default: temporary)")
     parser.add_argument("--keep", action="store_true", help="keep the database")
     parser.add_argument("--json", action="store_true", help="also print the whole result as JSON")
+    parser.add_argument("--steps", type=int, help="train this many steps instead of a time budget")
+    parser.add_argument("--train-args", default="", help='further `trainer train` flags, e.g. "--no-borders"')
     args = parser.parse_args(argv)
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     r = run(args.dataset, args.minutes, base_filters=args.base_filters, depth=args.depth,
-            batch_size=args.batch_size, lr=args.lr, root=args.root, workdir=args.workdir, keep=args.keep)
+            batch_size=args.batch_size, lr=args.lr, root=args.root, workdir=args.workdir, keep=args.keep,
+            train_args=tuple(args.train_args.split()), steps=args.steps)
     if args.json:
         print(json.dumps(r, sort_keys=True))
     print(one_line(r), flush=True)

@@ -6,7 +6,8 @@
 * Light photometric jitter per sample: brightness shift and contrast scaling about the image mean; the mask is
   untouched. It covers the differences between orthophoto campaigns and providers.
 
-Everything is pure jax.numpy on [B, H, W, C] arrays; no host round trip.
+Everything is pure jax.numpy on [B, H, W, C] arrays; no host round trip. :func:`tta` (8-fold test-time
+augmentation, ``--tta`` of ``evaluate`` and ``predict``) uses the same 8 symmetries.
 """
 
 from __future__ import annotations
@@ -44,14 +45,41 @@ def color_jitter(image: jax.Array, key: jax.Array) -> jax.Array:
     return jnp.clip((image - mean) * factor + mean + delta, 0.0, 1.0)
 
 
-def augment_batch(key: jax.Array, images: jax.Array, masks: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``images`` float [B, H, W, 3] in [0, 1], ``masks`` [B, H, W] -> both augmented, one draw per sample."""
-    def one(sample_key, image, mask):
+def augment_batch(key: jax.Array, images: jax.Array, masks: jax.Array, *planes: jax.Array) -> tuple[jax.Array, ...]:
+    """``images`` float [B, H, W, 3] in [0, 1], ``masks`` [B, H, W] (and other per-pixel targets ``planes``, e.g.
+    the borders, [B, H, W] each) -> ``(images, masks, *planes)`` augmented, one draw per sample."""
+    def one(sample_key, image, *targets):
         k_dihedral, k_color = jax.random.split(sample_key)
         k = jax.random.randint(k_dihedral, (), 0, NUM_DIHEDRAL)
-        # transform image and mask as one array: they cannot drift apart
-        stacked = dihedral(jnp.concatenate([image, mask[..., None].astype(image.dtype)], axis=-1), k)
-        return color_jitter(stacked[..., :-1], k_color), stacked[..., -1].astype(mask.dtype)
+        # transform image and targets as one array: they cannot drift apart
+        stacked = dihedral(jnp.concatenate([image, *(t[..., None].astype(image.dtype) for t in targets)], axis=-1), k)
+        out = stacked[..., 3:]
+        return (color_jitter(stacked[..., :3], k_color),
+                *(out[..., i].astype(t.dtype) for i, t in enumerate(targets)))
 
     keys = jax.random.split(key, images.shape[0])
-    return jax.vmap(one)(keys, images, masks)
+    return jax.vmap(one)(keys, images, masks, *planes)
+
+
+def dihedral_batch(x: jax.Array, k: int) -> jax.Array:
+    """The ``k``-th symmetry of :func:`dihedral` (a Python int) applied to every sample of ``x`` [B, H, W, ...]."""
+    if k >= 4:
+        x = jnp.swapaxes(x, 1, 2)
+    return jnp.rot90(x, k % 4, axes=(1, 2))
+
+
+def inverse_dihedral_batch(x: jax.Array, k: int) -> jax.Array:
+    """Undo :func:`dihedral_batch` ``k``: ``inverse_dihedral_batch(dihedral_batch(x, k), k) == x``."""
+    x = jnp.rot90(x, -(k % 4), axes=(1, 2))
+    return jnp.swapaxes(x, 1, 2) if k >= 4 else x
+
+
+def tta(apply, images: jax.Array) -> jax.Array:
+    """8-fold test-time augmentation: the mean over the 8 symmetries of the square of ``apply`` run on the
+    transformed ``images`` [B, H, W, C] and transformed back. ``apply`` maps [B, H, W, C] to per-pixel outputs
+    [B, H, W] or [B, H, W, K] (logits: their mean is the logit of the geometric mean of the odds)."""
+    total = None
+    for k in range(NUM_DIHEDRAL):
+        out = inverse_dihedral_batch(apply(dihedral_batch(images, k)), k)
+        total = out if total is None else total + out
+    return total / NUM_DIHEDRAL

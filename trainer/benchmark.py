@@ -46,6 +46,7 @@ def step_benchmark(base_filters: int, batch_size: int, steps: int, *, depth: int
     batch = jax.device_put({
         "images": rng.integers(0, 256, (batch_size, 256, 256, 3), dtype=np.uint8),
         "masks": (rng.random((batch_size, 256, 256)) > 0.9).astype(np.uint8),
+        "borders": (rng.random((batch_size, 256, 256)) > 0.98).astype(np.uint8),
         "valid": np.ones(batch_size, bool),
     }, batch_sharded(mesh))
     started = time.perf_counter()

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from harvester.splits import SPLITS
 
-from .config import (DEFAULT_DATABASE_URL, DEFAULT_DECODE_WORKERS, DEFAULT_EPOCHS, check_database_url, parse_zooms,
+from .config import (TRAIN_DEFAULTS, DEFAULT_DATABASE_URL, DEFAULT_DECODE_WORKERS, DEFAULT_EPOCHS, check_database_url,
+                     parse_zooms,
                      redact_url, resolve_batch_size)
 from . import compile_cache
 from .errors import ConfigError, TrainerError
@@ -60,6 +61,13 @@ def _finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
 
@@ -118,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                        help="activation dtype (default auto: bfloat16 on GPU, float32 on CPU)")
     train.add_argument("--no-augment", dest="augment", action="store_false", help="no flips/rotations/jitter")
+    defaults = TRAIN_DEFAULTS
+    train.add_argument("--borders", action=argparse.BooleanOptionalAction, default=defaults.borders,
+                       help="second output: borders/gaps between buildings, used to split touching buildings "
+                       f"(default {'on' if defaults.borders else 'off'})")
+    train.add_argument("--border-weight", type=_non_negative_float, default=defaults.border_weight,
+                       help=f"weight of the border output's loss (default {defaults.border_weight:g})")
+    train.add_argument("--border-dice-weight", type=_non_negative_float, default=defaults.border_dice_weight,
+                       help=f"weight of a Dice term on the border output (default {defaults.border_dice_weight:g})")
+    train.add_argument("--separation-weight", type=_non_negative_float, default=defaults.separation_weight,
+                       help="extra BCE weight of border/gap pixels, the U-Net paper's weight map "
+                       f"(default {defaults.separation_weight:g})")
+    train.add_argument("--residual", action=argparse.BooleanOptionalAction, default=defaults.residual,
+                       help=f"residual U-Net blocks (default {'on' if defaults.residual else 'off'})")
     train.add_argument("--decode-workers", type=_positive_int, default=DEFAULT_DECODE_WORKERS,
                        help=f"worker processes fetching and decoding images (default {DEFAULT_DECODE_WORKERS}: the "
                        "CPU count, at most 16)")
@@ -130,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--decode-workers", type=_positive_int, default=2, help="image decoding worker processes "
                           "(default 2)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    evaluate.add_argument("--tta", action="store_true", help="8-fold test-time augmentation (8x the compute)")
     evaluate.add_argument("--report", type=Path, metavar="OUT", help="also write OUT/index.html: metrics, curves, "
                           "best and worst tiles (opens from disk)")
 
@@ -144,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True, help="mask PNG to write (0 background, 255 building)")
     predict.add_argument("--geojson", type=Path, help="GeoJSON of the building polygons (EPSG:4326) to write")
     predict.add_argument("--overlay", type=Path, help="PNG to write: the input tile, predicted buildings outlined")
+    predict.add_argument("--tta", action="store_true", help="8-fold test-time augmentation")
 
     bench = commands.add_parser("benchmark", help="train-step speed (images/s, TFLOP/s, MFU) and input-pipeline speed")
     cache_flag(bench)
@@ -193,6 +216,9 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=resolve_batch_size(args.batch_size, args.base_filters), base_filters=args.base_filters, depth=args.depth, learning_rate=args.lr,
         seed=args.seed, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         compute_dtype=args.compute_dtype, augment=args.augment, decode_workers=args.decode_workers,
+        borders=args.borders, border_weight=args.border_weight, border_dice_weight=args.border_dice_weight,
+        separation_weight=args.separation_weight,
+        residual=args.residual,
     )
     if config.seed < 0:
         raise ConfigError(f"--seed: must be >= 0, got {config.seed}")
@@ -214,7 +240,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         options = {"report": args.report}
     result = run(args.workdir, url, split=args.split, zooms=args.zooms, batch_size=args.batch_size,
-                 decode_workers=args.decode_workers, progress=not args.json, **options)
+                 decode_workers=args.decode_workers, progress=not args.json, tta=args.tta, **options)
     print(json.dumps(result, sort_keys=True) if args.json else format_table(result, args.split))
     return EXIT_OK
 
@@ -228,7 +254,7 @@ def _predict(args: argparse.Namespace) -> int:
         raise ConfigError("--lat/--zoom: only with --lon (not with --image)")
     compile_cache.enable(args.compilation_cache)
     summary = predict(args.workdir, args.out, image=args.image, tile=args.tile, lon=args.lon, lat=args.lat,
-                      zoom=args.zoom, geojson=args.geojson, overlay=args.overlay)
+                      zoom=args.zoom, geojson=args.geojson, overlay=args.overlay, tta=args.tta)
     written = [str(p) for p in (args.geojson, args.overlay) if p is not None]
     log.info("wrote %s%s: %s", args.out, "".join(f" and {p}" for p in written), summary)
     return EXIT_OK

@@ -56,6 +56,15 @@ class TrainConfig:
     grad_clip_norm: float = 1.0
     # Weight of the soft Dice term in the loss (loss = BCE + dice_weight * Dice).
     dice_weight: float = 1.0
+    # A second output channel, "border/gap between two buildings" (trainer.instances), learnt with BCE (+ Dice times
+    # `border_dice_weight`) times `border_weight`; predict and the object metric split touching buildings along it.
+    borders: bool = False
+    border_weight: float = 1.0
+    border_dice_weight: float = 0.0
+    # The building BCE of a border/gap pixel weighs 1 + separation_weight (the U-Net paper's weight map); 0 = off.
+    separation_weight: float = 0.0
+    # Residual U-Net blocks (each block's input added to its output, 1x1 projection where the width changes).
+    residual: bool = True
     # Seed of parameter initialisation, data shuffling and augmentation: the same seed gives the same run.
     seed: int = 0
     # Random dihedral transform + brightness/contrast jitter of each training sample, on the device.
@@ -94,7 +103,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be a positive number, got {value!r}")
-        for name in ("weight_decay", "dice_weight"):
+        for name in ("weight_decay", "dice_weight", "border_weight", "border_dice_weight", "separation_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be a number >= 0, got {value!r}")
@@ -163,6 +172,11 @@ def write_config(config: TrainConfig, workdir: Path, **resolved: Any) -> Path:
     return path
 
 
+# What a config.json written before a field existed meant: the model and loss of that time.
+LEGACY_FIELDS = {"borders": False, "residual": False, "border_weight": 1.0, "border_dice_weight": 0.0,
+                 "separation_weight": 0.0}
+
+
 def read_model_config(workdir: Path) -> dict[str, Any]:
     """The saved configuration of a work directory (what ``evaluate`` and ``predict`` need to rebuild the model)."""
     path = Path(workdir) / "config.json"
@@ -175,4 +189,8 @@ def read_model_config(workdir: Path) -> dict[str, Any]:
     for key in ("base_filters", "depth"):
         if not isinstance(saved.get(key), int):
             raise ConfigError(f"--workdir: {path} lacks the integer field {key!r}; rerun `trainer train`")
-    return saved
+    return {**LEGACY_FIELDS, **saved}
+
+
+# The defaults of the fields (the CLI's defaults come from here: one place for the recipe).
+TRAIN_DEFAULTS = TrainConfig(steps=1)

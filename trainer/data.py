@@ -188,7 +188,8 @@ class SampleStream:
                 for sample_id, reason in zip(chunk.ids.tolist(), chunk.reasons):
                     if reason is not None:
                         self._count_skip(sample_id, reason)
-                for batch in assembler.add(chunk, pool.images[chunk.slot], pool.masks[chunk.slot]):
+                for batch in assembler.add(chunk, pool.images[chunk.slot], pool.masks[chunk.slot],
+                                           pool.borders[chunk.slot]):
                     yield batch
                     del batch  # not held here while the next one is made
                     check()
@@ -225,7 +226,7 @@ class SampleStream:
 def prefetch_to_device(batches: Iterator[Batch], size: int = 2, sharding: Any = None) -> Iterator[dict[str, Any]]:
     """Put batches on the accelerator ahead of use, keeping ``size`` of them in flight (``jax.device_put`` is async).
 
-    Yields ``{'images', 'masks', 'valid'}`` as jax arrays (placed with ``sharding`` when given) and ``'sample_ids'``,
+    Yields ``{'images', 'masks', 'borders', 'valid'}`` as jax arrays (placed with ``sharding`` when given) and ``'sample_ids'``,
     ``'zooms'`` as host numpy arrays. Closing this iterator closes ``batches`` (so the stream's thread stops too).
     """
     import jax  # here, not at module level: the pipeline itself does not need jax
@@ -234,7 +235,7 @@ def prefetch_to_device(batches: Iterator[Batch], size: int = 2, sharding: Any = 
         raise DataError(f"prefetch size must be >= 1, not {size}")
 
     def put(batch: Batch) -> dict[str, Any]:
-        arrays = {"images": batch.images, "masks": batch.masks, "valid": batch.valid}
+        arrays = {"images": batch.images, "masks": batch.masks, "borders": batch.borders, "valid": batch.valid}
         placed = jax.device_put(arrays, sharding) if sharding is not None else jax.device_put(arrays)
         return {**placed, "sample_ids": batch.sample_ids, "zooms": batch.zooms}
 

@@ -3,7 +3,9 @@
 - ``dubai``: dubai-aerial (MBRSC imagery, Humans in the Loop labels, CC0), 72 aerial images with dense RGB masks, cut
   into non-overlapping 256 x 256 crops (partial edges dropped; about 1,300). It is not georeferenced: each crop gets
   a synthetic zoom-18 tile in a fixed area near Dubai (55.27 E, 25.20 N), unique per (folder, image, crop); the split
-  is spatial by folder: ``Tile_1``..``Tile_6`` train, ``Tile_7`` val, ``Tile_8`` test.
+  is spatial by folder and image: ``Tile_1``..``Tile_6`` and images 4-9 of ``Tile_7`` train (777 crops), images
+  1-3 of ``Tile_7`` val (168), ``Tile_8`` test (360). (Until issue 11 all of ``Tile_7`` was val: 504 crops against
+  441 to train on.)
 - ``kampala``: kampala-oam (OpenAerialMap imagery, OpenStreetMap labels), 147 real slippy-map tiles stored as they
   are (format read from the bytes), masks rasterized from ``labels.geojson`` by the harvester's rasterizer (SPEC's
   rule: pixel centre inside a footprint, holes excluded, on the tile's Web Mercator grid). All of it lies in one
@@ -72,9 +74,17 @@ class Crop:
     mask: np.ndarray  # uint8 [256, 256], 1 = building
 
 
-def dubai_split(folder: int) -> str:
-    """Split of a dubai-aerial folder ``Tile_N``: spatially separate, by folder."""
-    return "val" if folder == 7 else "test" if folder == 8 else "train"
+DUBAI_TEST_FOLDER = 8
+DUBAI_VAL_FOLDER = 7
+DUBAI_VAL_IMAGES = range(1, 4)  # image_part_001..003 of Tile_7: 168 of its 504 crops; the other 6 images train
+
+
+def dubai_split(folder: int, image: int) -> str:
+    """Split of image ``image_part_<image>`` of the dubai-aerial folder ``Tile_<folder>``: spatially separate (whole
+    images): ``Tile_8`` test, the first three images of ``Tile_7`` val, every other image train."""
+    if folder == DUBAI_TEST_FOLDER:
+        return "test"
+    return "val" if folder == DUBAI_VAL_FOLDER and image in DUBAI_VAL_IMAGES else "train"
 
 
 def dubai_tile(folder: int, image: int, row: int, col: int) -> tuple[int, int]:
@@ -179,7 +189,7 @@ def dubai_rows(folder: int, number: int, image_path: Path, mask_path: Path,
         rows.append(SampleRow(
             DUBAI_ZOOM, tile_x, tile_y, *_lonlat(DUBAI_ZOOM, tile_x, tile_y), image=_encode_jpeg(crop.image),
             image_format="jpeg", mask_png=encode_mask_png(crop.mask), building_pixels=int(crop.mask.sum()),
-            building_count=region_count(crop.mask), split=dubai_split(folder),
+            building_count=region_count(crop.mask), split=dubai_split(folder, number),
         ))
     return rows
 
@@ -243,7 +253,8 @@ def load_dubai(database_url: str, root: Path, *, provider: str = "dubai", folder
     """Load dubai-aerial (``root`` = the folder holding ``Tile_1``..``Tile_8``) as samples of ``provider``.
 
     Crops of 256 x 256 are stored as JPEG (quality 95) with a one-channel mask PNG (building colour (60, 16, 152)
-    exactly). Synthetic zoom-18 tiles near Dubai; split by folder: Tile_1..6 train, Tile_7 val, Tile_8 test.
+    exactly). Synthetic zoom-18 tiles near Dubai; split by :func:`dubai_split`: Tile_8 test, images 1-3 of Tile_7
+    val, the rest train.
     ``folders`` restricts the load to those ``Tile_N`` numbers. Idempotent. Returns the number of samples added.
     """
     return asyncio.run(load_dubai_async(database_url, Path(root), provider=provider, folders=folders, workers=workers))

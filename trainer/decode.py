@@ -1,4 +1,5 @@
-"""Decoding of stored samples: tile images (JPEG, PNG, WebP) to RGB ``uint8`` and mask PNGs to 0/1 ``uint8``.
+"""Decoding of stored samples: tile images (JPEG, PNG, WebP) to RGB ``uint8``, mask PNGs to 0/1 ``uint8`` and
+instance PNGs to ``uint16``.
 
 Pure functions without I/O, safe to call from several threads at once. JPEG goes through simplejpeg
 (libjpeg-turbo, releases the GIL), PNG and WebP through Pillow (whose decoders release the GIL too).
@@ -72,6 +73,23 @@ def decode_mask(data: bytes, size: int = TILE_SIZE) -> np.ndarray:
     if building.ndim == 3:
         building = building.any(axis=2)
     return building.view(np.uint8)
+
+
+def decode_instances(data: bytes, size: int = TILE_SIZE) -> np.ndarray:
+    """Decode an ``instances`` PNG (SPEC: 16-bit grey, 0 = background, k = k-th footprint) to ``uint16 [size, size]``.
+
+    (:func:`harvester.rasterize.decode_instances_png` reads the same; this one is the trainer's: the :class:`DecodeError`
+    of a bad row, the size check, and no import of the harvester's GIS stack on a GPU host.)
+    """
+    if sniff_format(data) != "png":
+        raise DecodeError(f"instances is not a PNG (starts with {bytes(data[:8])!r})")
+    with _open_pillow(data, "png", size, what="instances") as image:
+        if image.mode not in ("I;16", "I;16B", "I"):
+            raise DecodeError(f"instances PNG is {image.mode}, expected 16-bit grey")
+        try:
+            return np.asarray(image).astype(np.uint16)
+        except Exception as exc:  # any decoder failure is a corrupt PNG; the cause is chained
+            raise DecodeError(f"instances PNG does not decode: {exc}") from exc
 
 
 class _FallbackToPillow(Exception):

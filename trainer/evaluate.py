@@ -40,7 +40,8 @@ def restore_params(workdir: Path, config: TrainConfig, mesh) -> tuple:
     """``(graphdef, params)`` of the best checkpoint of ``workdir`` (else the latest), placed on ``mesh``."""
     total_steps = read_model_config(workdir).get("resolved", {}).get("total_steps") or 1
     tx = create_optimizer(config, total_steps)  # only its state's structure matters, to read a full train state
-    graphdef, abstract_state = abstract_train_state(config.base_filters, config.depth, config.compute_dtype, tx, mesh)
+    graphdef, abstract_state = abstract_train_state(config.base_filters, config.depth, config.compute_dtype, tx, mesh,
+                                                    borders=config.borders, residual=config.residual)
     with Checkpoints(workdir, read_only=True) as checkpoints:
         params, kind, step = checkpoints.restore_params(abstract_state.params, abstract_state)
     log.info("using the %s checkpoint (step %d) of %s", kind, step, workdir)
@@ -49,10 +50,11 @@ def restore_params(workdir: Path, config: TrainConfig, mesh) -> tuple:
 
 def evaluate(workdir: Path | str, database_url: str, *, split: str = "test", zooms: tuple[int, ...] | None = None,
              batch_size: int | None = None, decode_workers: int = 2, progress: bool = True,
-             observe: Callable | None = None) -> dict:
+             observe: Callable | None = None, tta: bool = False) -> dict:
     """``{iou, f1, precision, recall, pixel_accuracy, object_f1, samples, per_zoom}`` over every sample of ``split``.
 
-    ``observe(batch, outputs)`` sees every batch evaluated (see :func:`trainer.steps.evaluate_stream`)."""
+    ``observe(batch, outputs)`` sees every batch evaluated (see :func:`trainer.steps.evaluate_stream`). ``tta``: the
+    mean prediction over the 8 symmetries of the square (:func:`trainer.augment.tta`)."""
     workdir = Path(workdir).resolve()
     config = saved_train_config(workdir, database_url)
     devices = jax.local_devices()
@@ -60,7 +62,7 @@ def evaluate(workdir: Path | str, database_url: str, *, split: str = "test", zoo
         batch_size = -(-DEFAULT_BATCH_SIZE // len(devices)) * len(devices)
     mesh = make_mesh(batch_size)
     graphdef, params = restore_params(workdir, config, mesh)
-    eval_fn = compile_eval_step(graphdef, mesh)
+    eval_fn = compile_eval_step(graphdef, mesh, tta)
     with SampleStream(database_url, split, zooms, batch_size, shuffle=False, pad_last=True,
                       decode_workers=decode_workers) as stream:
         if len(stream) == 0:

@@ -5,8 +5,10 @@ into ratios once: a micro average, so a tile with one building pixel weighs as m
 tile full of buildings (a per-tile average would be dominated by the many nearly empty tiles).
 
 Object metric (``object_f1``): the SpaceNet building-footprint F1 (Van Etten et al., "SpaceNet: A Remote Sensing
-Dataset and Challenge Series", arXiv:1807.01232): buildings are the 4-connected components of the true and predicted
-masks of each tile; a predicted building is a true positive when it matches a distinct true building with IoU >= 0.5
+Dataset and Challenge Series", arXiv:1807.01232): buildings are found in the true and predicted masks of each tile by
+:func:`trainer.instances.separate_buildings`, the function ``trainer predict --geojson`` uses: 4-connected components,
+split along the border map where there is one (true: the border target of the sample, from its ``instances``;
+predicted: the model's border output, when it has one); a predicted building is a true positive when it matches a distinct true building with IoU >= 0.5
 (greedy, highest IoU first); F1 = 2 * matched / (predicted + true), summed over all tiles.
 
 Zero denominators (e.g. IoU of a split without buildings and no prediction) follow one rule: the score is 1.0 when
@@ -24,7 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import ndimage
+
+from .instances import separate_buildings
 
 OBJECT_IOU_THRESHOLD = 0.5
 PIXEL_METRICS = ("iou", "f1", "precision", "recall", "pixel_accuracy")
@@ -85,11 +88,13 @@ class ObjectMatch(NamedTuple):
     actual: int  # connected components of the true mask
 
 
-def match_objects(predicted: np.ndarray, actual: np.ndarray, iou_threshold: float = OBJECT_IOU_THRESHOLD
+def match_objects(predicted: np.ndarray, actual: np.ndarray, iou_threshold: float = OBJECT_IOU_THRESHOLD, *,
+                  predicted_border: np.ndarray | None = None, actual_border: np.ndarray | None = None
                   ) -> ObjectMatch:
-    """Match the buildings (4-connected components) of two boolean masks of one tile, SpaceNet style."""
-    pred_labels, n_pred = ndimage.label(np.asarray(predicted, dtype=bool))
-    true_labels, n_true = ndimage.label(np.asarray(actual, dtype=bool))
+    """Match the buildings of two masks of one tile, SpaceNet style; each mask's buildings are separated along its
+    border map when given (:func:`~trainer.instances.separate_buildings`), else its 4-connected components."""
+    pred_labels, n_pred = separate_buildings(predicted, predicted_border)
+    true_labels, n_true = separate_buildings(actual, actual_border)
     if n_pred == 0 or n_true == 0:
         return ObjectMatch(0, n_pred, n_true)
     # joint histogram of (true label, predicted label): intersections; its margins are the component areas
@@ -147,15 +152,21 @@ class SegmentationMetrics:
         return self._overall.samples
 
     def update(self, counts: np.ndarray, valid: np.ndarray, zooms: np.ndarray,
-               predicted: np.ndarray | None = None, masks: np.ndarray | None = None) -> None:
+               predicted: np.ndarray | None = None, masks: np.ndarray | None = None, *,
+               predicted_borders: np.ndarray | None = None, true_borders: np.ndarray | None = None) -> None:
         """``counts`` int [B, 4] from :func:`confusion_counts`; ``valid`` bool [B]; ``zooms`` int [B];
-        ``predicted`` bool [B, H, W] and ``masks`` [B, H, W] (needed when ``objects``)."""
+        ``predicted`` bool [B, H, W] and ``masks`` [B, H, W] (needed when ``objects``); ``predicted_borders`` and
+        ``true_borders`` [B, H, W] (optional) split the buildings of each (see :func:`match_objects`)."""
         counts, valid, zooms = np.asarray(counts), np.asarray(valid, dtype=bool), np.asarray(zooms)
         if self.objects and (predicted is None or masks is None):
             raise ValueError("object metrics need the predicted and true masks")
         for i in np.flatnonzero(valid):
             zoom_group = self._by_zoom.setdefault(int(zooms[i]), _Group())
-            match = match_objects(predicted[i], masks[i]) if self.objects else None
+            match = match_objects(
+                predicted[i], masks[i],
+                predicted_border=None if predicted_borders is None else predicted_borders[i],
+                actual_border=None if true_borders is None else true_borders[i],
+            ) if self.objects else None
             for group in (self._overall, zoom_group):
                 group.pixels.add(*counts[i])
                 group.samples += 1

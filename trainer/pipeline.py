@@ -2,11 +2,12 @@
 
 A :class:`WorkerPool` holds ``workers`` processes (fresh interpreters running :func:`worker_main`: never ``fork`` a
 process that runs JAX, and unlike ``multiprocessing``'s ``spawn`` they do not import the caller's main module) and
-one block of shared memory of ``slots`` slots, each holding the decoded images and masks of one chunk of
+one block of shared memory of ``slots`` slots, each holding the decoded images, masks and border targets of one chunk of
 :data:`CHUNK_ROWS` samples. Both live as long as the stream, not one epoch. The consumer's process sends each worker,
 over its own pipe, tasks ``(generation, chunk index, slot, ids)``; the worker reads those rows from PostgreSQL over its
 own asyncpg connection (``WHERE sample_id = ANY($1)`` on the ``dataset`` view, only the columns decoded), decodes
-them (:mod:`trainer.decode`) straight into the slot, and answers with the chunk's zooms and, for each row it could not
+them (:mod:`trainer.decode`) straight into the slot, derives each row's border/gap target
+(:func:`trainer.instances.border_target`, from ``instances`` where the row has them, else from the mask), and answers with the chunk's zooms and, for each row it could not
 decode, the reason. Fetching and decoding thus run outside the consumer's GIL; what crosses the pipes is a few hundred
 bytes a chunk, and the pixels are copied once, from the slot into the batch handed to the consumer.
 
@@ -40,17 +41,19 @@ import asyncpg
 import numpy as np
 
 from .config import redact_url
-from .decode import TILE_SIZE, DecodeError, decode_image, decode_mask
+from .decode import TILE_SIZE, DecodeError, decode_image, decode_instances, decode_mask
 from .errors import DataError
+from .instances import border_target
 
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 32  # rows per fetch query and per worker task
 IMAGE_BYTES = TILE_SIZE * TILE_SIZE * 3
-MASK_BYTES = TILE_SIZE * TILE_SIZE
+MASK_BYTES = TILE_SIZE * TILE_SIZE  # and as many for the border target
 _CLOSE_TIMEOUT_S = 5.0
 _PARENT_CHECK_S = 1.0
-_ROWS_SQL = "SELECT sample_id, zoom, image, image_format, mask FROM dataset WHERE sample_id = ANY($1::bigint[])"
+_ROWS_SQL = ("SELECT sample_id, zoom, image, image_format, mask, instances FROM dataset"
+             " WHERE sample_id = ANY($1::bigint[])")
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,6 +62,7 @@ class Batch:
 
     images: np.ndarray  # uint8 [B, 256, 256, 3], RGB
     masks: np.ndarray  # uint8 [B, 256, 256], 1 = building
+    borders: np.ndarray  # uint8 [B, 256, 256], 1 = border/gap between two buildings (trainer.instances)
     valid: np.ndarray  # bool [B]; False for padding rows
     sample_ids: np.ndarray  # int64 [B]; -1 for padding
     zooms: np.ndarray  # int32 [B]; -1 for padding
@@ -76,15 +80,17 @@ class Chunk:
 
 
 def shared_bytes(slots: int, chunk_rows: int = CHUNK_ROWS) -> int:
-    """Bytes of shared memory of a pool: the decoded images and masks of ``slots`` chunks."""
-    return slots * chunk_rows * (IMAGE_BYTES + MASK_BYTES)
+    """Bytes of shared memory of a pool: the decoded images, masks and borders of ``slots`` chunks."""
+    return slots * chunk_rows * (IMAGE_BYTES + 2 * MASK_BYTES)
 
 
-def _slot_arrays(buffer: Any, slots: int, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _slot_arrays(buffer: Any, slots: int, chunk_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     images = np.ndarray((slots, chunk_rows, TILE_SIZE, TILE_SIZE, 3), np.uint8, buffer=buffer)
     masks = np.ndarray((slots, chunk_rows, TILE_SIZE, TILE_SIZE), np.uint8, buffer=buffer,
                        offset=slots * chunk_rows * IMAGE_BYTES)
-    return images, masks
+    borders = np.ndarray((slots, chunk_rows, TILE_SIZE, TILE_SIZE), np.uint8, buffer=buffer,
+                         offset=slots * chunk_rows * (IMAGE_BYTES + MASK_BYTES))
+    return images, masks, borders
 
 
 class WorkerPool:
@@ -109,7 +115,7 @@ class WorkerPool:
         size = shared_bytes(self.slots, self.chunk_rows)
         _check_shared_memory(size)
         self._shm = SharedMemory(create=True, size=size)
-        self.images, self.masks = _slot_arrays(self._shm.buf, self.slots, self.chunk_rows)
+        self.images, self.masks, self.borders = _slot_arrays(self._shm.buf, self.slots, self.chunk_rows)
         self._free = list(range(self.slots))
         # The same `trainer` as ours first on the path, whatever is installed.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (
@@ -226,7 +232,7 @@ class WorkerPool:
                     process.wait()
         for pipe in self._pipes:
             pipe.close()
-        self.images = self.masks = None  # type: ignore[assignment] - views of the block about to be freed
+        self.images = self.masks = self.borders = None  # type: ignore[assignment] - views of the freed block
         if self._shm is not None:
             self._shm.close()
             self._shm.unlink()
@@ -262,7 +268,7 @@ def worker_main(database_url: str, fd: str, shm_name: str, slots: str, chunk_row
     # a resource tracker of this process, which would unlink it when this worker exits.
     with open(f"/dev/shm/{shm_name.lstrip('/')}", "r+b") as file:
         shm = mmap.mmap(file.fileno(), shared_bytes(slots, chunk_rows))
-    images, masks = _slot_arrays(shm, slots, chunk_rows)
+    images, masks, borders = _slot_arrays(shm, slots, chunk_rows)
     fetched: queue.Queue[tuple | None] = queue.Queue(maxsize=1)
     fetcher = threading.Thread(target=_fetch_ahead, args=(database_url, pipe, fetched, parent_pid), daemon=True)
     fetcher.start()
@@ -271,7 +277,7 @@ def worker_main(database_url: str, fd: str, shm_name: str, slots: str, chunk_row
             generation, index, slot, ids, rows, error = item
             if error is None:
                 try:
-                    zooms, reasons = decode_rows(rows, ids, images[slot], masks[slot])
+                    zooms, reasons = decode_rows(rows, ids, images[slot], masks[slot], borders[slot])
                     answer = (generation, index, ids, zooms, reasons, None)
                 except Exception as exc:  # noqa: BLE001 - handed over, raised again in the consumer's process
                     error = _picklable(exc)
@@ -283,7 +289,7 @@ def worker_main(database_url: str, fd: str, shm_name: str, slots: str, chunk_row
             except (OSError, ValueError):
                 return
     finally:
-        del images, masks
+        del images, masks, borders
         shm.close()
         pipe.close()  # the fetcher, if still waiting on it, wakes up and leaves
 
@@ -322,9 +328,10 @@ def _fetch_ahead(database_url: str, pipe: connection.Connection, fetched: queue.
         loop.close()
 
 
-def decode_rows(rows: list[Any], ids: np.ndarray, images: np.ndarray, masks: np.ndarray
+def decode_rows(rows: list[Any], ids: np.ndarray, images: np.ndarray, masks: np.ndarray, borders: np.ndarray
                 ) -> tuple[np.ndarray, list[str | None]]:
-    """Decode ``rows`` into ``images[i]``, ``masks[i]`` in the order of ``ids``; zooms, and a reason per skipped row."""
+    """Decode ``rows`` into ``images[i]``, ``masks[i]`` and their border targets ``borders[i]`` in the order of
+    ``ids``; zooms, and a reason per skipped row (an ``instances`` PNG that does not decode skips its row too)."""
     by_id = {row[0]: row for row in rows}
     zooms = np.full(len(ids), -1, np.int32)
     reasons: list[str | None] = []
@@ -336,6 +343,8 @@ def decode_rows(rows: list[Any], ids: np.ndarray, images: np.ndarray, masks: np.
         try:
             images[i] = decode_image(row["image"])
             masks[i] = decode_mask(row["mask"])
+            instances = None if row["instances"] is None else decode_instances(row["instances"])
+            borders[i] = border_target(masks[i], instances)
         except DecodeError as exc:
             reasons.append(f"{exc} (stored image_format {row['image_format']})")
             continue
@@ -369,17 +378,20 @@ class BatchAssembler:
         b, s = self._size, TILE_SIZE
         self._images = np.empty((b, s, s, 3), np.uint8)
         self._masks = np.empty((b, s, s), np.uint8)
+        self._borders = np.empty((b, s, s), np.uint8)
         self._ids = np.full(b, -1, np.int64)
         self._zooms = np.full(b, -1, np.int32)
 
-    def add(self, chunk: Chunk, images: np.ndarray, masks: np.ndarray) -> Iterator[Batch]:
-        """Add the decoded rows of ``chunk`` (``images``, ``masks``: its slot), yielding each batch as it fills."""
+    def add(self, chunk: Chunk, images: np.ndarray, masks: np.ndarray, borders: np.ndarray) -> Iterator[Batch]:
+        """Add the decoded rows of ``chunk`` (``images``, ``masks``, ``borders``: its slot), yielding each batch as
+        it fills."""
         rows = np.flatnonzero([reason is None for reason in chunk.reasons])
         while rows.size:
             take, rows = rows[:self._size - self._fill], rows[self._size - self._fill:]
             end = self._fill + take.size
             np.take(images, take, axis=0, out=self._images[self._fill:end], mode="clip")  # "raise" buffers
             np.take(masks, take, axis=0, out=self._masks[self._fill:end], mode="clip")
+            np.take(borders, take, axis=0, out=self._borders[self._fill:end], mode="clip")
             self._ids[self._fill:end] = chunk.ids[take]
             self._zooms[self._fill:end] = chunk.zooms[take]
             self._fill = end
@@ -392,12 +404,13 @@ class BatchAssembler:
             return None
         self._images[self._fill:] = 0
         self._masks[self._fill:] = 0
+        self._borders[self._fill:] = 0
         return self._emit()
 
     def _emit(self) -> Batch:
         valid = np.zeros(self._size, bool)
         valid[:self._fill] = True
-        batch = Batch(self._images, self._masks, valid, self._ids, self._zooms)
+        batch = Batch(self._images, self._masks, self._borders, valid, self._ids, self._zooms)
         self._fill = 0
         self._new_arrays()
         return batch

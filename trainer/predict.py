@@ -7,9 +7,12 @@ image would show buildings at a scale it never saw.
 
 Output: the mask as an 8-bit PNG, 0 = background and 255 = building (viewable as is); with ``--overlay``, the input
 tile with the predicted buildings tinted and outlined in cyan (:func:`harvester.overlay.draw_mask`). With
-``--geojson``, the buildings as a GeoJSON FeatureCollection in EPSG:4326: ``rasterio.features.shapes`` on the mask
-(4-connected, as the object metric), simplified with a 1-pixel tolerance, then mapped from tile pixels to Web Mercator
-(EPSG:3857, the tile's ``mercantile.xy_bounds``) and to longitude/latitude. That needs the tile: known with
+``--geojson``, the buildings as a GeoJSON FeatureCollection in EPSG:4326, one polygon per building: the mask split
+into buildings by :func:`trainer.instances.separate_buildings` (along the model's border output when it has one,
+so touching buildings come apart; the object metric of ``evaluate`` counts buildings with the same function), each
+building's outline traced by ``rasterio.features.shapes`` on its label, simplified with a half-pixel tolerance, then
+mapped from tile pixels to Web Mercator (EPSG:3857, the tile's ``mercantile.xy_bounds``) and to longitude/latitude.
+``--tta`` averages the prediction over the 8 symmetries of the square. That needs the tile: known with
 ``--lon/--lat/--zoom``, given with ``--tile Z/X/Y`` for ``--image``; without it ``--geojson`` is refused.
 """
 
@@ -27,7 +30,6 @@ import jax.numpy as jnp
 import mercantile
 import numpy as np
 import shapely
-from flax import nnx
 from PIL import Image, UnidentifiedImageError
 from rasterio import features
 from rasterio.transform import Affine
@@ -38,12 +40,14 @@ from harvester.overlay import draw_mask, save_png
 from .config import TILE_SIZE
 from .errors import ConfigError, DataError, TrainerError
 from .evaluate import restore_params, saved_train_config
-from .steps import make_mesh
+from .instances import separate_buildings
+from .model import split_logits
+from .steps import make_mesh, predict_logits
 
 log = logging.getLogger(__name__)
 
 EARTH_RADIUS_M = 6378137.0  # of the Web Mercator sphere (EPSG:3857)
-SIMPLIFY_TOLERANCE_PX = 1.0
+SIMPLIFY_TOLERANCE_PX = 0.5
 MAX_LATITUDE = 85.0511287798066
 
 
@@ -102,20 +106,24 @@ def fetch_tile(lon: float, lat: float, zoom: int) -> tuple[bytes, mercantile.Til
 class Predictor:
     """The U-Net of a work directory (best checkpoint, else latest), on one device."""
 
-    def __init__(self, workdir: Path, database_url: str = "postgresql://unused"):
+    def __init__(self, workdir: Path, database_url: str = "postgresql://unused", *, tta: bool = False):
         config = saved_train_config(Path(workdir), database_url)
         mesh = make_mesh(devices=jax.local_devices()[:1])
         graphdef, params = restore_params(Path(workdir), config, mesh)
 
         @jax.jit
-        def logits(images):
-            return nnx.merge(graphdef, params)(images.astype(jnp.float32) / 255.0)
+        def predicted(images):
+            building, border = split_logits(predict_logits(params, images, graphdef=graphdef, tta_enabled=tta))
+            return building > 0, (border > 0) if border is not None else jnp.zeros_like(building, bool)
 
-        self._logits = logits
+        self._predicted = predicted
+        self.borders = config.borders
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        """RGB uint8 [256, 256, 3] -> building mask bool [256, 256]."""
-        return np.asarray(self._logits(image[None])[0] > 0)
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """RGB uint8 [256, 256, 3] -> (building mask bool [256, 256], border bool [256, 256] or None when the model
+        has no border output)."""
+        mask, border = (np.asarray(a[0]) for a in self._predicted(image[None]))
+        return mask, border if self.borders else None
 
 
 def mask_png(mask: np.ndarray) -> bytes:
@@ -134,11 +142,12 @@ def pixels_to_lonlat(coords: np.ndarray, tile: mercantile.Tile, size: int = TILE
     return np.stack([lon, lat], axis=1)
 
 
-def mask_to_geojson(mask: np.ndarray, tile: mercantile.Tile) -> dict:
-    """Building polygons of a tile's mask as a GeoJSON FeatureCollection in EPSG:4326."""
-    binary = np.asarray(mask, dtype=np.uint8)
+def mask_to_geojson(mask: np.ndarray, tile: mercantile.Tile, border: np.ndarray | None = None) -> dict:
+    """Building polygons of a tile's mask as a GeoJSON FeatureCollection in EPSG:4326: one feature per building of
+    :func:`~trainer.instances.separate_buildings` (split along ``border`` when given)."""
+    labels, _count = separate_buildings(mask, border)
     feats = []
-    for geometry, _value in features.shapes(binary, mask=binary > 0, connectivity=4, transform=Affine.identity()):
+    for geometry, _value in features.shapes(labels, mask=labels > 0, connectivity=4, transform=Affine.identity()):
         polygon = shape(geometry).simplify(SIMPLIFY_TOLERANCE_PX, preserve_topology=True)
         if polygon.is_empty:
             continue
@@ -151,7 +160,7 @@ def mask_to_geojson(mask: np.ndarray, tile: mercantile.Tile) -> dict:
 
 def predict(workdir: Path | str, out: Path | str, *, image: Path | str | None = None, tile: str | None = None,
             lon: float | None = None, lat: float | None = None, zoom: int | None = None,
-            geojson: Path | str | None = None, overlay: Path | str | None = None) -> dict:
+            geojson: Path | str | None = None, overlay: Path | str | None = None, tta: bool = False) -> dict:
     """Write the mask PNG (and the GeoJSON, and the input tile with the predicted buildings outlined);
     return ``{"building_pixels", "buildings"?, "tile"?}``."""
     if (image is None) == (lon is None or lat is None or zoom is None):
@@ -173,7 +182,7 @@ def predict(workdir: Path | str, out: Path | str, *, image: Path | str | None = 
     if geojson is not None and known_tile is None:
         raise ConfigError("--geojson: the tile of --image is unknown; give it with --tile Z/X/Y "
                           "(or predict from --lon --lat --zoom)")
-    mask = Predictor(Path(workdir))(pixels)
+    mask, border = Predictor(Path(workdir), tta=tta)(pixels)
     Path(out).write_bytes(mask_png(mask))
     if overlay is not None:
         try:
@@ -184,7 +193,7 @@ def predict(workdir: Path | str, out: Path | str, *, image: Path | str | None = 
     if known_tile is not None:
         summary["tile"] = f"{known_tile.z}/{known_tile.x}/{known_tile.y}"
     if geojson is not None:
-        collection = mask_to_geojson(mask, known_tile)
+        collection = mask_to_geojson(mask, known_tile, border)
         Path(geojson).write_text(json.dumps(collection))
         summary["buildings"] = len(collection["features"])
     return summary

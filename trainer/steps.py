@@ -26,13 +26,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from .augment import augment_batch
+from .augment import augment_batch, tta
 from .config import TrainConfig
 from .data import SampleStream
 from .errors import ConfigError, DataError
-from .losses import bce_dice_loss
+from .losses import segmentation_loss
 from .metrics import SegmentationMetrics, confusion_counts
-from .model import UNet, default_compute_dtype, prng_key
+from .model import UNet, default_compute_dtype, prng_key, split_logits
 
 DATA_AXIS = "data"
 FINAL_LR_FRACTION = 0.01  # the cosine decay ends at 1% of the peak learning rate
@@ -89,10 +89,11 @@ def create_optimizer(config: TrainConfig | StepSpec, total_steps: int) -> optax.
     )
 
 
-def model_factory(base_filters: int, depth: int, compute_dtype: str, seed: int) -> Callable[[], UNet]:
+def model_factory(base_filters: int, depth: int, compute_dtype: str, seed: int, *, borders: bool = False,
+                  residual: bool = False) -> Callable[[], UNet]:
     dtype = default_compute_dtype(compute_dtype)
-    return lambda: UNet(base_filters=base_filters, depth=depth, dtype=dtype, param_dtype=jnp.float32,
-                        rngs=nnx.Rngs(prng_key(seed)))
+    return lambda: UNet(base_filters=base_filters, depth=depth, outputs=2 if borders else 1, residual=residual,
+                        dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(prng_key(seed)))
 
 
 class StepSpec(NamedTuple):
@@ -104,6 +105,11 @@ class StepSpec(NamedTuple):
     seed: int
     augment: bool
     dice_weight: float
+    borders: bool
+    border_weight: float
+    border_dice_weight: float
+    separation_weight: float
+    residual: bool
     learning_rate: float
     warmup_fraction: float
     weight_decay: float
@@ -123,7 +129,8 @@ def compiled_functions(spec: StepSpec, mesh: Mesh) -> tuple[optax.GradientTransf
     Cached, so that several runs in one process (resuming, tests, notebooks) compile once.
     """
     tx = create_optimizer(spec, spec.total_steps)
-    make_model = model_factory(spec.base_filters, spec.depth, spec.compute_dtype, spec.seed)
+    make_model = model_factory(spec.base_filters, spec.depth, spec.compute_dtype, spec.seed, borders=spec.borders,
+                               residual=spec.residual)
     graphdef = nnx.graphdef(nnx.eval_shape(make_model))
 
     @functools.partial(jax.jit, out_shardings=replicated(mesh))
@@ -133,7 +140,9 @@ def compiled_functions(spec: StepSpec, mesh: Mesh) -> tuple[optax.GradientTransf
 
     step = jax.jit(
         functools.partial(train_step, graphdef=graphdef, tx=tx, seed=spec.seed, augment=spec.augment,
-                          dice_weight=spec.dice_weight),
+                          loss_options=dict(dice_weight=spec.dice_weight, border_weight=spec.border_weight,
+                                            border_dice_weight=spec.border_dice_weight,
+                                            separation_weight=spec.separation_weight)),
         in_shardings=(replicated(mesh), batch_sharded(mesh)),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=0,
@@ -148,9 +157,10 @@ def create_train_state(config: TrainConfig, total_steps: int, mesh: Mesh) -> tup
 
 
 def abstract_train_state(base_filters: int, depth: int, compute_dtype: str, tx: optax.GradientTransformation,
-                         mesh: Mesh) -> tuple[nnx.GraphDef, TrainState]:
+                         mesh: Mesh, *, borders: bool = False, residual: bool = False
+                         ) -> tuple[nnx.GraphDef, TrainState]:
     """Shapes, dtypes and shardings of a train state, without computing it (the target of a checkpoint restore)."""
-    make_model = model_factory(base_filters, depth, compute_dtype, 0)
+    make_model = model_factory(base_filters, depth, compute_dtype, 0, borders=borders, residual=residual)
     abstract_model = nnx.eval_shape(make_model)
     graphdef, params = nnx.split(abstract_model, nnx.Param)
     state = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), params)
@@ -163,17 +173,20 @@ def abstract_train_state(base_filters: int, depth: int, compute_dtype: str, tx: 
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, seed: int, augment: bool, dice_weight: float
+               tx: optax.GradientTransformation, seed: int, augment: bool, loss_options: dict
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on ``batch`` (``images`` uint8, ``masks`` uint8, ``valid`` bool). Pure; jit it."""
+    """One optimizer step on ``batch`` (``images``, ``masks``, ``borders`` uint8, ``valid`` bool). Pure; jit it.
+    ``loss_options``: keyword arguments of :func:`trainer.losses.segmentation_loss`."""
     images = batch["images"].astype(jnp.float32) / 255.0
     masks = batch["masks"].astype(jnp.float32)
+    borders = batch["borders"].astype(jnp.float32)
     if augment:
-        images, masks = augment_batch(jax.random.fold_in(prng_key(seed), state.step), images, masks)
+        images, masks, borders = augment_batch(jax.random.fold_in(prng_key(seed), state.step), images, masks,
+                                               borders)
 
     def loss_fn(params):
         logits = nnx.merge(graphdef, params)(images)
-        return bce_dice_loss(logits, masks, batch["valid"], dice_weight=dice_weight)
+        return segmentation_loss(logits, masks, borders, batch["valid"], **loss_options)
 
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -182,15 +195,30 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def eval_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
-    """Per-sample confusion counts int32 [B, 4] and the predicted masks bool [B, H, W] of ``batch``. Pure; jit it."""
-    logits = nnx.merge(graphdef, params)(batch["images"].astype(jnp.float32) / 255.0)
-    return {"counts": confusion_counts(logits, batch["masks"], batch["valid"]), "predicted": logits > 0}
+def predict_logits(params: nnx.State, images: jax.Array, *, graphdef: nnx.GraphDef, tta_enabled: bool = False
+                   ) -> jax.Array:
+    """The U-Net's logits of uint8 ``images`` [B, H, W, 3]; with ``tta_enabled``, the mean over the 8 symmetries of
+    the square (:func:`trainer.augment.tta`)."""
+    model = nnx.merge(graphdef, params)
+    x = images.astype(jnp.float32) / 255.0
+    return tta(model, x) if tta_enabled else model(x)
+
+
+def eval_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, tta_enabled: bool = False
+              ) -> dict[str, jax.Array]:
+    """Per-sample confusion counts int32 [B, 4], the predicted masks bool [B, H, W] of ``batch`` and, for a model
+    with a border output, the predicted borders bool [B, H, W] (``border``). Pure; jit it."""
+    building, border = split_logits(predict_logits(params, batch["images"], graphdef=graphdef,
+                                                   tta_enabled=tta_enabled))
+    out = {"counts": confusion_counts(building, batch["masks"], batch["valid"]), "predicted": building > 0}
+    if border is not None:
+        out["border"] = border > 0
+    return out
 
 
 @functools.lru_cache(maxsize=8)
-def compile_eval_step(graphdef: nnx.GraphDef, mesh: Mesh) -> Callable:
-    return jax.jit(functools.partial(eval_step, graphdef=graphdef),
+def compile_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, tta_enabled: bool = False) -> Callable:
+    return jax.jit(functools.partial(eval_step, graphdef=graphdef, tta_enabled=tta_enabled),
                    in_shardings=(replicated(mesh), batch_sharded(mesh)))
 
 
@@ -206,7 +234,8 @@ def evaluate_stream(eval_fn: Callable, params: nnx.State, stream: SampleStream, 
 
     def consume(batch, out):
         out = jax.device_get(out)
-        metrics.update(out["counts"], batch.valid, batch.zooms, out["predicted"], batch.masks)
+        metrics.update(out["counts"], batch.valid, batch.zooms, out["predicted"], batch.masks,
+                       predicted_borders=out.get("border"), true_borders=batch.borders)
         if observe is not None:
             observe(batch, out)
 

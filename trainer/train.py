@@ -74,7 +74,7 @@ class _Log:
 def _check_resumable(workdir: Path, config: TrainConfig) -> None:
     """A work directory holding checkpoints must have been made for the same network."""
     saved = read_model_config(workdir)
-    for key in ("base_filters", "depth"):
+    for key in ("base_filters", "depth", "borders", "residual"):
         if saved[key] != getattr(config, key):
             raise CheckpointError(
                 f"--workdir: {workdir} holds checkpoints of a U-Net with {key}={saved[key]}, not {getattr(config, key)}; "
@@ -112,7 +112,8 @@ def train_and_evaluate(config: TrainConfig, workdir: Path | str, *, stop_after: 
 
         if checkpoints.latest_step() is not None:
             _check_resumable(workdir, config)
-            _, abstract = abstract_train_state(config.base_filters, config.depth, config.compute_dtype, tx, mesh)
+            _, abstract = abstract_train_state(config.base_filters, config.depth, config.compute_dtype, tx, mesh,
+                                               borders=config.borders, residual=config.residual)
             state = checkpoints.restore_latest(abstract)
             log.info("resuming from step %d of %s", int(state.step), checkpoints.root / "latest")
         else:
@@ -199,7 +200,7 @@ def train_and_evaluate(config: TrainConfig, workdir: Path | str, *, stop_after: 
                             clock["wait"] += time.perf_counter() - waited
                             if batch is None:
                                 break
-                            arrays = {k: batch[k] for k in ("images", "masks", "valid")}
+                            arrays = {k: batch[k] for k in ("images", "masks", "borders", "valid")}
                             state, step_metrics = step_fn(state, arrays)
                             step += 1
                             pending.append((step, step_metrics))

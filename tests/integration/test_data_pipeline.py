@@ -394,7 +394,7 @@ async def _populate_uniform(url: str, count: int) -> None:
 def test_memory_stays_bounded_whatever_the_table_size(migrated_database_url):
     rows, batch_size, prefetch, workers = 400, 8, 2, 2
     asyncio.run(_populate_uniform(migrated_database_url, rows))
-    decoded_sample = 256 * 256 * 4
+    decoded_sample = 256 * 256 * 5  # RGB, mask, border target
     with SampleStream(migrated_database_url, "train", None, batch_size, prefetch=prefetch,
                       decode_workers=workers) as stream:
         order = stream.order(0)
@@ -437,3 +437,41 @@ def test_prefetch_to_device_places_arrays_and_closes_the_stream(stored):
         for item in prefetch_to_device(stream.epoch(0), size=1, sharding=sharding):
             assert item["images"].sharding == sharding
             break
+
+
+def test_batches_carry_the_border_target_from_instances_or_from_the_mask(migrated_database_url):
+    """Two buildings touching along a column: the border comes from ``instances`` where the sample has them; a
+    sample without (external data sets) gets only the gaps between the connected components of its mask."""
+    from harvester.rasterize import encode_instances_png
+    from trainer.instances import border_target
+
+    instances = np.zeros((256, 256), np.uint16)
+    instances[40:80, 20:60] = 1
+    instances[40:80, 60:100] = 2  # touches building 1
+    instances[40:80, 102:140] = 3  # a 2-pixel gap from building 2
+    mask = (instances > 0).astype(np.uint8)
+    image = _encode(np.zeros((256, 256, 3), np.uint8), "png")
+
+    async def populate() -> tuple[int, int]:
+        conn = await asyncpg.connect(migrated_database_url)
+        try:
+            ids = [await _insert(conn, i, image=image, fmt="png", mask_png=_encode(mask * 255, "png"), zoom=18,
+                                 split="train", provider="alpha") for i in range(2)]
+            await conn.execute("UPDATE samples SET instances = $1 WHERE sample_id = $2", encode_instances_png(instances),
+                               ids[0])
+            return ids[0], ids[1]
+        finally:
+            await conn.close()
+
+    with_instances, without = asyncio.run(populate())
+    with SampleStream(migrated_database_url, "train", None, 2, shuffle=False) as stream:
+        (batch,) = list(stream.epoch(0))
+    borders = {int(i): b for i, b in zip(batch.sample_ids, batch.borders)}
+    touching = np.zeros((256, 256), bool)
+    touching[40:80, 59:61] = True
+    gap = np.zeros((256, 256), bool)
+    gap[40:80, 100:102] = True
+    assert borders[with_instances][touching].all() and borders[with_instances][gap].all()
+    assert not borders[without][touching].any() and borders[without][gap].all()
+    np.testing.assert_array_equal(borders[with_instances], border_target(mask, instances))
+    np.testing.assert_array_equal(borders[without], border_target(mask))

@@ -52,8 +52,9 @@ def test_dubai_gives_every_full_crop_split_by_folder(loaded):
                                    " min(lat) AS s, max(lat) AS n_lat, bool_and(image_format = 'jpeg') AS jpeg"
                                    " FROM dataset WHERE provider = 'dubai' GROUP BY split"))
     by_split = {r["split"]: r for r in rows}
-    # Tile_7: 9 images of 1817 x 2061 -> 7 x 8 crops; Tile_8: 9 of 2149 x 1479 -> 8 x 5.
-    assert {s: r["n"] for s, r in by_split.items()} == {"train": 441, "val": 504, "test": 360}
+    # Tile_1..6: 441 crops; Tile_7: 9 images of 1817 x 2061 -> 7 x 8 crops each, images 1-3 val (168), 4-9 train
+    # (336); Tile_8: 9 of 2149 x 1479 -> 8 x 5. Training gets 777 crops, no longer fewer than validation.
+    assert {s: r["n"] for s, r in by_split.items()} == {"train": 441 + 336, "val": 168, "test": 360}
     assert all(r["tiles"] == r["n"] and r["jpeg"] for r in rows)
     assert all(55.2 < r["w"] and r["e"] < 56.2 and 24.5 < r["s"] and r["n_lat"] < 25.3 for r in rows)
     share = sum(r["building"] for r in rows) / (1305 * 256 * 256)
@@ -107,9 +108,9 @@ def test_kampala_tiles_with_rasterized_osm_labels(loaded, shared_data):
 def test_loaded_samples_stream_without_a_skip(loaded):
     url, _, _ = loaded
     with SampleStream(url, "val", None, 32, shuffle=False, pad_last=True, provider="dubai") as stream:
-        assert len(stream) == 504
+        assert len(stream) == 168
         seen = sum(int(b.valid.sum()) for b in stream.epoch(0))
-        assert seen == 504 and stream.skipped == 0
+        assert seen == 168 and stream.skipped == 0
     with SampleStream(url, "train", (19, 20, 21), 16, pad_last=True, provider="kampala") as stream:
         assert sum(int(b.valid.sum()) for b in stream.epoch(0)) == 105 and stream.skipped == 0
 

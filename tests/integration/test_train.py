@@ -125,7 +125,8 @@ def _restore_latest_params(workdir: Path):
     config = saved_train_config(workdir, "postgresql://unused")
     mesh = make_mesh()
     tx = create_optimizer(config, 1)
-    _, abstract = abstract_train_state(config.base_filters, config.depth, config.compute_dtype, tx, mesh)
+    _, abstract = abstract_train_state(config.base_filters, config.depth, config.compute_dtype, tx, mesh,
+                                       borders=config.borders, residual=config.residual)
     with Checkpoints(workdir, read_only=True) as checkpoints:
         return checkpoints.restore_latest(abstract)
 
@@ -419,6 +420,36 @@ def test_evaluate_table_and_split_and_zooms(trained, capsys):
     assert lines[3].split()[0] == "z17" and len(lines) == 4
 
 
+def test_evaluate_with_tta_counts_every_sample(trained, capsys):
+    args = ("evaluate", "--workdir", str(trained["workdir"]), "--database-url", trained["url"], "--json",
+            "--batch-size", "4")
+    assert cli(*args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert cli(*args, "--tta") == 0
+    tta = json.loads(capsys.readouterr().out)
+    assert tta["samples"] == plain["samples"] == SPLITS["test"]
+    assert 0.0 <= tta["iou"] <= 1.0 and 0.0 <= tta["object_f1"] <= 1.0
+
+
+def test_a_workdir_from_before_issue_11_still_evaluates_as_the_model_it_was(trained, tmp_path, capsys):
+    """config.json written before the border output and residual blocks existed: read as the plain U-Net."""
+    from trainer.train import train_and_evaluate
+
+    workdir = tmp_path / "old"
+    train_and_evaluate(tiny_config(trained["url"], steps=2, borders=False, residual=False), workdir)
+    config = json.loads((workdir / "config.json").read_text())
+    for key in ("borders", "residual", "border_weight", "border_dice_weight", "separation_weight"):
+        del config[key]
+    (workdir / "config.json").write_text(json.dumps(config))
+    assert cli("evaluate", "--workdir", str(workdir), "--database-url", trained["url"], "--json") == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == SPLITS["test"]
+    # resuming it with the other network is refused with a line naming the setting
+    from trainer.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="borders=False"):
+        train_and_evaluate(tiny_config(trained["url"], steps=4, borders=True, residual=False), workdir)
+
+
 def test_evaluate_without_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
     (tmp_path / "config.json").write_text((trained["workdir"] / "config.json").read_text())
     code = cli("evaluate", "--workdir", str(tmp_path), "--database-url", trained["url"])
@@ -552,3 +583,22 @@ def test_mask_to_geojson_gives_one_polygon_per_building():
     pixel_deg = (bounds.east - bounds.west) / 256
     assert west == pytest.approx(bounds.west + 30 * pixel_deg) and east == pytest.approx(bounds.west + 50 * pixel_deg)
     assert north < bounds.north and south > bounds.south and first.is_valid
+
+
+def test_geojson_splits_touching_buildings_where_the_model_predicts_a_border_between_them():
+    from shapely.geometry import shape
+
+    from trainer.predict import mask_to_geojson
+
+    mask = np.zeros((256, 256), bool)
+    mask[40:60, 40:80] = True  # two 20x20 squares side by side: one blob in the mask
+    border = np.zeros((256, 256), bool)
+    border[40:60, 59:61] = True  # the model's border between them
+    tile = mercantile.Tile(66400, 45100, 17)
+    assert len(mask_to_geojson(mask, tile)["features"]) == 1
+    assert len(mask_to_geojson(mask, tile, np.zeros_like(border))["features"]) == 1
+    apart = mask_to_geojson(mask, tile, border)["features"]
+    assert sorted(f["properties"]["pixels"] for f in apart) == [400, 400]  # the border shared out, nothing lost
+    polygons = [shape(f["geometry"]) for f in apart]
+    assert all(p.is_valid and len(p.exterior.coords) == 5 for p in polygons)  # squares stay 4 corners
+    assert polygons[0].intersection(polygons[1]).area == pytest.approx(0, abs=1e-18)

@@ -165,3 +165,20 @@ def test_damaged_real_encodings_decode_or_raise_decode_error(cut, flip):
         except DecodeError:
             continue
         assert out.shape == (256, 256, 3) and out.dtype == np.uint8
+
+
+def test_instances_png_round_trips_through_the_trainers_decoder():
+    from harvester.rasterize import encode_instances_png, encode_mask_png
+    from trainer.decode import decode_instances
+
+    instances = np.zeros((256, 256), np.uint16)
+    instances[10:40, 10:40] = 1
+    instances[10:40, 40:90] = 2
+    instances[200:256, 0:30] = 65535  # the largest id a 16-bit PNG holds
+    decoded = decode_instances(encode_instances_png(instances))
+    assert decoded.dtype == np.uint16
+    np.testing.assert_array_equal(decoded, instances)
+    with pytest.raises(DecodeError, match="16-bit"):
+        decode_instances(encode_mask_png(instances > 0))  # an 8-bit mask is not an instance map
+    with pytest.raises(DecodeError, match="expected 256x256"):
+        decode_instances(encode_instances_png(instances[:128]))

@@ -33,6 +33,23 @@ def test_dice_weight_scales_the_dice_term():
     assert float(loss) == pytest.approx(math.log(2), rel=1e-6)
 
 
+def test_separation_weight_and_border_output_by_hand():
+    # one 2x2 sample at zero logits (ln 2 per pixel of BCE); pixel (0, 1) is a border/gap pixel
+    masks = jnp.array([[[1, 0], [0, 0]]], jnp.uint8)
+    borders = jnp.array([[[0, 1], [0, 0]]], jnp.uint8)
+    valid = jnp.array([True])
+    plain, parts = losses.segmentation_loss(jnp.zeros((1, 2, 2)), masks, borders, valid)
+    assert float(plain) == pytest.approx(math.log(2) + 0.5, rel=1e-6) and "border" not in parts
+    weighted, parts = losses.segmentation_loss(jnp.zeros((1, 2, 2)), masks, borders, valid, separation_weight=3.0)
+    assert float(parts["bce"]) == pytest.approx((3 + 4) * math.log(2) / 4, rel=1e-6)  # weights 1, 4, 1, 1 over 4 px
+    # two channels: building as before, plus border_weight x BCE of the border logits (Dice only when asked)
+    both, parts = losses.segmentation_loss(jnp.zeros((1, 2, 2, 2)), masks, borders, valid, border_weight=0.5)
+    assert float(parts["border"]) == pytest.approx(math.log(2), rel=1e-6)
+    assert float(both) == pytest.approx(math.log(2) + 0.5 + 0.5 * math.log(2), rel=1e-6)
+    _, parts = losses.segmentation_loss(jnp.zeros((1, 2, 2, 2)), masks, borders, valid, border_dice_weight=1.0)
+    assert float(parts["border"]) == pytest.approx(math.log(2) + 0.5, rel=1e-6)
+
+
 def test_padding_rows_do_not_count():
     masks = jnp.array([[[1, 0], [0, 0]], [[1, 1], [1, 1]]], jnp.uint8)
     logits = jnp.stack([jnp.zeros((2, 2)), jnp.full((2, 2), -50.0)])
@@ -169,4 +186,20 @@ def test_no_buildings_anywhere_is_a_perfect_object_score():
     empty = np.zeros((1, 8, 8), bool)
     metrics = SegmentationMetrics()
     metrics.update(np.array([[0, 0, 0, 64]]), np.array([True]), np.array([17]), empty, empty)
+    assert metrics.result()["object_f1"] == 1.0
+
+
+def test_objects_are_split_along_the_border_maps():
+    # three 10x10 buildings in a row, touching: one blob in the mask; borders at the two shared edges
+    mask = np.zeros((32, 40), bool)
+    mask[5:15, 5:35] = True
+    border = np.zeros((32, 40), np.uint8)
+    border[5:15, 14:16] = border[5:15, 24:26] = 1
+    assert match_objects(mask, mask) == (1, 1, 1)  # no borders: one blob each
+    assert match_objects(mask, mask, actual_border=border) == (0, 1, 3)  # the blob is a third of each: no match
+    assert match_objects(mask, mask, predicted_border=border, actual_border=border) == (3, 3, 3)
+    metrics = SegmentationMetrics()
+    counts = np.array([[mask.sum(), 0, 0, mask.size - mask.sum()]])
+    metrics.update(counts, np.array([True]), np.array([18]), mask[None], mask[None].astype(np.uint8),
+                   predicted_borders=border[None], true_borders=border[None])
     assert metrics.result()["object_f1"] == 1.0

@@ -52,6 +52,30 @@ def test_output_shape_and_dtype():
     assert logits.dtype == jnp.float32
 
 
+def test_border_output_and_residual_blocks():
+    base, depth = 4, 2
+    widths = [base * 2**i for i in range(depth + 1)]
+    two = nnx.eval_shape(lambda: UNet(base_filters=base, depth=depth, outputs=2, rngs=nnx.Rngs(0)))
+    assert nnx.eval_shape(lambda m, x: m(x), two, jnp.zeros((2, 64, 64, 3))).shape == (2, 64, 64, 2)
+    assert count_params(two) == expected_params(base, depth) + widths[0] + 1  # a second 1x1 head channel
+    residual = nnx.eval_shape(lambda: UNet(base_filters=base, depth=depth, residual=True, rngs=nnx.Rngs(0)))
+    # a bias-free 1x1 projection in every block: each one changes the width
+    projections = 3 * widths[0] + sum(widths[i - 1] * widths[i] for i in range(1, depth + 1)) + sum(
+        2 * widths[i] * widths[i] for i in range(depth))
+    assert count_params(residual) == expected_params(base, depth) + projections
+
+
+def test_residual_block_adds_its_input():
+    from trainer.model import ConvBlock
+
+    block = ConvBlock(4, 4, residual=True, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    plain = ConvBlock(4, 4, residual=False, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).random((1, 8, 8, 4)), jnp.float32)
+    inner = block.norm2(block.conv2(nnx.relu(block.norm1(block.conv1(x)))))
+    np.testing.assert_allclose(block(x), jax.nn.relu(inner + x), rtol=1e-6)
+    np.testing.assert_allclose(plain(x), jax.nn.relu(inner), rtol=1e-6)  # same weights (same seed), no skip
+
+
 def test_build_unet_initialises_finite_parameters():
     model = build_unet(4, 1, seed=3)
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
@@ -103,3 +127,16 @@ def test_norm_groups_divide_channels():
     for channels in (1, 4, 6, 8, 12, 32, 64, 1024):
         assert channels % norm_groups(channels) == 0
     assert norm_groups(64) == 8
+
+
+def test_border_logit_starts_at_the_prior():
+    import math
+
+    from trainer.model import BORDER_PRIOR, split_logits
+
+    model = UNet(base_filters=4, depth=1, outputs=2, rngs=nnx.Rngs(0))
+    assert model.head.bias[...].tolist() == pytest.approx([0.0, math.log(BORDER_PRIOR / (1 - BORDER_PRIOR))])
+    plain = UNet(base_filters=4, depth=1, rngs=nnx.Rngs(0))
+    assert plain.head.bias[...].tolist() == [0.0]
+    building, border = split_logits(model(jnp.zeros((1, 16, 16, 3))))
+    assert building.shape == border.shape == (1, 16, 16)
