@@ -187,6 +187,12 @@ def area_tile(lon: float, lat: float, zooms: Iterable[int]) -> Tile:
     return tile_at(lon, lat, min(zooms))
 
 
+def from_mercator(x: np.ndarray | float, y: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of :func:`to_mercator`: EPSG:3857 (x, y) metres to longitudes and latitudes in degrees."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return np.degrees(x / EARTH_RADIUS_M), np.degrees(np.arctan(np.sinh(y / EARTH_RADIUS_M)))
+
+
 def to_mercator(lon: np.ndarray | float, lat: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
     """Project longitudes and latitudes (degrees, arrays or scalars) to EPSG:3857 (x, y) metres, vectorized.
 

@@ -18,9 +18,8 @@ from pathlib import Path
 
 from harvester.splits import SPLITS
 
-from .config import (TRAIN_DEFAULTS, DEFAULT_DATABASE_URL, DEFAULT_DECODE_WORKERS, DEFAULT_EPOCHS, check_database_url,
-                     parse_zooms,
-                     redact_url, resolve_batch_size)
+from .config import (DEFAULT_DATABASE_URL, DEFAULT_DECODE_WORKERS, DEFAULT_EPOCHS, TRAIN_DEFAULTS, check_database_url,
+                     parse_zooms, redact_url, resolve_batch_size)
 from . import compile_cache
 from .errors import ConfigError, TrainerError
 

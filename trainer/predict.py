@@ -11,7 +11,8 @@ tile with the predicted buildings tinted and outlined in cyan (:func:`harvester.
 into buildings by :func:`trainer.instances.separate_buildings` (along the model's border output when it has one,
 so touching buildings come apart; the object metric of ``evaluate`` counts buildings with the same function), each
 building's outline traced by ``rasterio.features.shapes`` on its label, simplified with a half-pixel tolerance, then
-mapped from tile pixels to Web Mercator (EPSG:3857, the tile's ``mercantile.xy_bounds``) and to longitude/latitude.
+mapped from tile pixels to Web Mercator (EPSG:3857, the tile's pixel grid of :mod:`harvester.tiles`) and to
+longitude/latitude.
 ``--tta`` averages the prediction over the 8 symmetries of the square. That needs the tile: known with
 ``--lon/--lat/--zoom``, given with ``--tile Z/X/Y`` for ``--image``; without it ``--geojson`` is refused.
 """
@@ -22,12 +23,10 @@ import asyncio
 import io
 import json
 import logging
-import math
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import mercantile
 import numpy as np
 import shapely
 from PIL import Image, UnidentifiedImageError
@@ -35,7 +34,9 @@ from rasterio import features
 from rasterio.transform import Affine
 from shapely.geometry import mapping, shape
 
+from harvester import tiles
 from harvester.overlay import draw_mask, save_png
+from harvester.tiles import MAX_LATITUDE_DEG, Tile
 
 from .config import TILE_SIZE
 from .errors import ConfigError, DataError, TrainerError
@@ -46,9 +47,8 @@ from .steps import make_mesh, predict_logits
 
 log = logging.getLogger(__name__)
 
-EARTH_RADIUS_M = 6378137.0  # of the Web Mercator sphere (EPSG:3857)
 SIMPLIFY_TOLERANCE_PX = 0.5
-MAX_LATITUDE = 85.0511287798066
+MAX_ZOOM = 22
 
 
 def read_image(data: bytes, source: str) -> np.ndarray:
@@ -65,26 +65,26 @@ def read_image(data: bytes, source: str) -> np.ndarray:
         raise DataError(f"{source} is not a readable image: {exc}") from exc
 
 
-def parse_tile(text: str) -> mercantile.Tile:
+def parse_tile(text: str) -> Tile:
     """``"17/65432/43210"`` (zoom/x/y, y from the north) -> a tile; malformed or out of range -> ConfigError."""
     try:
         z, x, y = (int(p) for p in text.split("/"))
     except ValueError:
         raise ConfigError(f"--tile: expected Z/X/Y such as 17/66400/45100, got {text!r}") from None
-    if not 0 <= z <= 22 or not (0 <= x < 2**z and 0 <= y < 2**z):
-        raise ConfigError(f"--tile: {text!r} is not a tile (zoom 0..22, 0 <= x, y < 2**zoom)")
-    return mercantile.Tile(x, y, z)
+    if not 0 <= z <= MAX_ZOOM or not (0 <= x < 2**z and 0 <= y < 2**z):
+        raise ConfigError(f"--tile: {text!r} is not a tile (zoom 0..{MAX_ZOOM}, 0 <= x, y < 2**zoom)")
+    return Tile(x, y, z)
 
 
-def tile_at(lon: float, lat: float, zoom: int) -> mercantile.Tile:
-    if not (-180 <= lon <= 180 and -MAX_LATITUDE <= lat <= MAX_LATITUDE):
+def tile_at(lon: float, lat: float, zoom: int) -> Tile:
+    if not (-180 <= lon <= 180 and -MAX_LATITUDE_DEG <= lat <= MAX_LATITUDE_DEG):
         raise ConfigError(f"--lon/--lat: ({lon}, {lat}) is outside the Web Mercator world")
-    if not 0 <= zoom <= 22:
-        raise ConfigError(f"--zoom: expected 0..22, got {zoom}")
-    return mercantile.tile(lon, lat, zoom)
+    if not 0 <= zoom <= MAX_ZOOM:
+        raise ConfigError(f"--zoom: expected 0..{MAX_ZOOM}, got {zoom}")
+    return tiles.tile_at(lon, lat, zoom)
 
 
-def fetch_tile(lon: float, lat: float, zoom: int) -> tuple[bytes, mercantile.Tile]:
+def fetch_tile(lon: float, lat: float, zoom: int) -> tuple[bytes, Tile]:
     """The imagery tile holding (lon, lat) at ``zoom``, from the provider configured for the harvester."""
     from harvester.config import load_settings  # lazily: predict from a file needs no harvester settings
     from harvester.errors import ConfigError as HarvesterConfigError
@@ -132,17 +132,14 @@ def mask_png(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def pixels_to_lonlat(coords: np.ndarray, tile: mercantile.Tile, size: int = TILE_SIZE) -> np.ndarray:
+def pixels_to_lonlat(coords: np.ndarray, tile: Tile, size: int = TILE_SIZE) -> np.ndarray:
     """Tile pixel coordinates [N, 2] (x right, y down, edges at 0 and ``size``) -> lon/lat degrees [N, 2]."""
-    bounds = mercantile.xy_bounds(tile)  # metres, EPSG:3857
-    x = bounds.left + coords[:, 0] * (bounds.right - bounds.left) / size
-    y = bounds.top - coords[:, 1] * (bounds.top - bounds.bottom) / size
-    lon = np.degrees(x / EARTH_RADIUS_M)
-    lat = np.degrees(2.0 * np.arctan(np.exp(y / EARTH_RADIUS_M)) - math.pi / 2.0)
+    left, top, pixel_m = tiles.pixel_grid(tile, size)  # metres, EPSG:3857
+    lon, lat = tiles.from_mercator(left + coords[:, 0] * pixel_m, top - coords[:, 1] * pixel_m)
     return np.stack([lon, lat], axis=1)
 
 
-def mask_to_geojson(mask: np.ndarray, tile: mercantile.Tile, border: np.ndarray | None = None) -> dict:
+def mask_to_geojson(mask: np.ndarray, tile: Tile, border: np.ndarray | None = None) -> dict:
     """Building polygons of a tile's mask as a GeoJSON FeatureCollection in EPSG:4326: one feature per building of
     :func:`~trainer.instances.separate_buildings` (split along ``border`` when given)."""
     labels, _count = separate_buildings(mask, border)

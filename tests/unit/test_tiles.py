@@ -21,6 +21,7 @@ from harvester.tiles import (
     ancestor,
     area_tile,
     check_tile,
+    from_mercator,
     lonlat_bounds,
     mercator_bounds,
     parse_zooms,
@@ -257,3 +258,14 @@ def test_parse_zooms_one_rule_for_harvester_and_trainer():
             parse_zooms(bad)
     with pytest.raises(ValueError, match="between 1 and 22"):
         parse_zooms("0,17", minimum=1, maximum=22)
+
+
+def test_from_mercator_inverts_to_mercator_as_mercantile_does():
+    lon = np.array([-180.0, -3.5, 0.0, 2.3522, 179.9])
+    lat = np.array([-MAX_LATITUDE_DEG, -33.9, 0.0, 48.8566, MAX_LATITUDE_DEG])
+    x, y = to_mercator(lon, lat)
+    back_lon, back_lat = from_mercator(x, y)
+    np.testing.assert_allclose(back_lon, lon, atol=1e-9)
+    np.testing.assert_allclose(back_lat, lat, atol=1e-9)
+    expected = np.array([mercantile.lnglat(a, b) for a, b in zip(x, y)])
+    np.testing.assert_allclose(np.column_stack([back_lon, back_lat]), expected, atol=1e-9)
