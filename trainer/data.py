@@ -72,6 +72,7 @@ class SampleStream:
         decode_workers: int = 2,
         prefetch: int = 4,
         provider: str | None = None,
+        borders: bool = True,
     ) -> None:
         if split not in SPLITS:
             raise DataError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
@@ -85,6 +86,7 @@ class SampleStream:
         self.split = split
         self.zooms = None if zooms is None else tuple(int(z) for z in zooms)
         self.provider = provider
+        self.borders = borders  # derive the border/gap targets (1.7 ms a tile in the workers); else zeros
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.shuffle = shuffle
@@ -158,7 +160,8 @@ class SampleStream:
             if self._closed:
                 raise DataError("the sample stream is closed")
             if self._pool is None:
-                pool = WorkerPool(self.database_url, self.decode_workers, self.slots, self.fetch_rows)
+                pool = WorkerPool(self.database_url, self.decode_workers, self.slots, self.fetch_rows,
+                                  borders=self.borders)
                 pool.start()
                 weakref.finalize(self, pool.close)  # a stream dropped without close() still stops its workers
                 self._pool = pool

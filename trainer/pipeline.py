@@ -96,8 +96,10 @@ def _slot_arrays(buffer: Any, slots: int, chunk_rows: int) -> tuple[np.ndarray, 
 class WorkerPool:
     """``workers`` decode processes and ``slots`` chunks of shared memory, from :meth:`start` to :meth:`close`."""
 
-    def __init__(self, database_url: str, workers: int, slots: int, chunk_rows: int = CHUNK_ROWS) -> None:
+    def __init__(self, database_url: str, workers: int, slots: int, chunk_rows: int = CHUNK_ROWS, *,
+                 borders: bool = True) -> None:
         self.database_url = database_url
+        self.with_borders = borders
         self.workers = workers
         self.slots = slots
         self.chunk_rows = chunk_rows
@@ -127,7 +129,7 @@ class WorkerPool:
                     process = subprocess.Popen(
                         [sys.executable, "-c", "import sys; from trainer.pipeline import worker_main; "
                          "worker_main(*sys.argv[1:])", self.database_url, str(theirs.fileno()), self._shm.name,
-                         str(self.slots), str(self.chunk_rows), str(os.getpid())],
+                         str(self.slots), str(self.chunk_rows), str(os.getpid()), str(int(self.with_borders))],
                         pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
                     )
                     self._procs.append(process)
@@ -255,7 +257,8 @@ def _check_shared_memory(size: int) -> None:
 # ---------------------------------------------------------------------------------------------------- worker side
 
 
-def worker_main(database_url: str, fd: str, shm_name: str, slots: str, chunk_rows: str, parent_pid: str) -> None:
+def worker_main(database_url: str, fd: str, shm_name: str, slots: str, chunk_rows: str, parent_pid: str,
+                with_borders: str = "1") -> None:
     """A decode worker: serve tasks from the socket ``fd`` until told to stop or the parent process is gone.
 
     Two threads: one receives tasks and fetches their rows, one chunk ahead, while this one decodes the previous chunk
@@ -263,7 +266,7 @@ def worker_main(database_url: str, fd: str, shm_name: str, slots: str, chunk_row
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     pipe = connection.Connection(int(fd))
-    slots, chunk_rows, parent_pid = int(slots), int(chunk_rows), int(parent_pid)
+    slots, chunk_rows, parent_pid, with_borders = int(slots), int(chunk_rows), int(parent_pid), with_borders == "1"
     # Mapped directly (Linux keeps POSIX shared memory in /dev/shm): SharedMemory(name) would register the block with
     # a resource tracker of this process, which would unlink it when this worker exits.
     with open(f"/dev/shm/{shm_name.lstrip('/')}", "r+b") as file:
@@ -277,7 +280,8 @@ def worker_main(database_url: str, fd: str, shm_name: str, slots: str, chunk_row
             generation, index, slot, ids, rows, error = item
             if error is None:
                 try:
-                    zooms, reasons = decode_rows(rows, ids, images[slot], masks[slot], borders[slot])
+                    zooms, reasons = decode_rows(rows, ids, images[slot], masks[slot],
+                                                 borders[slot] if with_borders else None)
                     answer = (generation, index, ids, zooms, reasons, None)
                 except Exception as exc:  # noqa: BLE001 - handed over, raised again in the consumer's process
                     error = _picklable(exc)
@@ -328,10 +332,11 @@ def _fetch_ahead(database_url: str, pipe: connection.Connection, fetched: queue.
         loop.close()
 
 
-def decode_rows(rows: list[Any], ids: np.ndarray, images: np.ndarray, masks: np.ndarray, borders: np.ndarray
+def decode_rows(rows: list[Any], ids: np.ndarray, images: np.ndarray, masks: np.ndarray, borders: np.ndarray | None
                 ) -> tuple[np.ndarray, list[str | None]]:
     """Decode ``rows`` into ``images[i]``, ``masks[i]`` and their border targets ``borders[i]`` in the order of
-    ``ids``; zooms, and a reason per skipped row (an ``instances`` PNG that does not decode skips its row too)."""
+    ``ids``; zooms, and a reason per skipped row (an ``instances`` PNG that does not decode skips its row too).
+    ``borders`` None: no border targets (a training that uses none): the slots keep the zeros of a new block."""
     by_id = {row[0]: row for row in rows}
     zooms = np.full(len(ids), -1, np.int32)
     reasons: list[str | None] = []
@@ -343,8 +348,9 @@ def decode_rows(rows: list[Any], ids: np.ndarray, images: np.ndarray, masks: np.
         try:
             images[i] = decode_image(row["image"])
             masks[i] = decode_mask(row["mask"])
-            instances = None if row["instances"] is None else decode_instances(row["instances"])
-            borders[i] = border_target(masks[i], instances)
+            if borders is not None:
+                instances = None if row["instances"] is None else decode_instances(row["instances"])
+                borders[i] = border_target(masks[i], instances)
         except DecodeError as exc:
             reasons.append(f"{exc} (stored image_format {row['image_format']})")
             continue

@@ -96,9 +96,10 @@ def train_and_evaluate(config: TrainConfig, workdir: Path | str, *, stop_after: 
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config.batch_size)
     log.info("config: %s", json.dumps(config.public(), sort_keys=True))
+    # The border targets cost the workers about as much as decoding: derived only when the loss uses them.
     train_stream = SampleStream(config.database_url, "train", config.zooms, config.batch_size, seed=config.seed,
                                 shuffle=True, pad_last=False, decode_workers=config.decode_workers,
-                                prefetch=config.prefetch)
+                                prefetch=config.prefetch, borders=config.borders or config.separation_weight > 0)
     val_stream = SampleStream(config.database_url, "val", config.zooms, config.batch_size, shuffle=False,
                               pad_last=True, decode_workers=config.decode_workers, prefetch=config.prefetch)
     with train_stream, val_stream, Checkpoints(workdir) as checkpoints:

@@ -475,3 +475,9 @@ def test_batches_carry_the_border_target_from_instances_or_from_the_mask(migrate
     assert not borders[without][touching].any() and borders[without][gap].all()
     np.testing.assert_array_equal(borders[with_instances], border_target(mask, instances))
     np.testing.assert_array_equal(borders[without], border_target(mask))
+
+    # A training whose loss uses no border (the default recipe) does not pay for them: the same rows, zero borders.
+    with SampleStream(migrated_database_url, "train", None, 2, shuffle=False, borders=False) as stream:
+        (plain,) = list(stream.epoch(0))
+    np.testing.assert_array_equal(plain.masks, batch.masks)
+    assert not plain.borders.any()
