@@ -86,7 +86,9 @@ def measure_loader(database_url: str, batch_size: int, workers: int, *, samples:
     """:class:`SampleStream` (shuffled) over at least ``samples`` samples of ``split``, epochs one after another."""
     from .data import SampleStream
 
-    with SampleStream(database_url, split, None, batch_size, decode_workers=workers, prefetch=prefetch) as stream:
+    # As the default training reads it: without border targets (trainer.train derives them only when used).
+    with SampleStream(database_url, split, None, batch_size, decode_workers=workers, prefetch=prefetch,
+                      borders=False) as stream:
         if stream.num_batches() == 0:
             raise DataError(f"split {split!r} holds {len(stream)} samples, fewer than one batch of {batch_size}")
         for _ in stream.epoch(10_000):  # warm PostgreSQL's cache, the workers and the decoders
