@@ -304,17 +304,6 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
-def decode_instances_png(data: bytes) -> np.ndarray:
-    """The uint16 instance map of a 16-bit one-channel PNG."""
-    try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-            if image.mode not in ("I;16", "I;16B", "I"):
-                raise ValueError(f"an instance PNG is 16-bit grey, this one is {image.mode}")
-            return np.asarray(image).astype(np.uint16)
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"not a readable instance PNG ({len(data)} bytes): {exc}") from exc
-
-
 def decode_mask_png(data: bytes) -> np.ndarray:
     """The uint8 mask of a one-channel PNG, as 0/1 (nonzero = building, SPEC.md)."""
     try:

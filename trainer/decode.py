@@ -78,8 +78,8 @@ def decode_mask(data: bytes, size: int = TILE_SIZE) -> np.ndarray:
 def decode_instances(data: bytes, size: int = TILE_SIZE) -> np.ndarray:
     """Decode an ``instances`` PNG (SPEC: 16-bit grey, 0 = background, k = k-th footprint) to ``uint16 [size, size]``.
 
-    (:func:`harvester.rasterize.decode_instances_png` reads the same; this one is the trainer's: the :class:`DecodeError`
-    of a bad row, the size check, and no import of the harvester's GIS stack on a GPU host.)
+    The one reader of instance PNGs (the harvest checks use it too): a bad row raises :class:`DecodeError`, the size
+    is checked, and the harvester's GIS stack is not imported on a GPU host.
     """
     if sniff_format(data) != "png":
         raise DecodeError(f"instances is not a PNG (starts with {bytes(data[:8])!r})")

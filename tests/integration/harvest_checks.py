@@ -9,8 +9,9 @@ import numpy as np
 import shapely
 from PIL import Image
 
-from harvester.rasterize import decode_instances_png, decode_mask_png, rasterize
+from harvester.rasterize import decode_mask_png, rasterize
 from harvester.tiles import Tile, lonlat_bounds, pixel_grid, to_mercator
+from trainer.decode import decode_instances
 
 
 async def check_database(url: str, world=None, *, max_attempts: int = 5) -> dict[str, int]:
@@ -74,7 +75,7 @@ async def check_database(url: str, world=None, *, max_attempts: int = 5) -> dict
 
 def check_instances(row, mask: np.ndarray, tile_footprints: list, tile: Tile) -> None:
     assert row["instances"] is not None, f"sample {row['sample_id']}: no instance map"
-    instances = decode_instances_png(row["instances"])
+    instances = decode_instances(row["instances"])
     assert instances.dtype == np.uint16 and instances.shape == (256, 256)
     assert np.array_equal(instances != 0, mask.astype(bool)), f"sample {row['sample_id']}: instances differ from mask"
     assert len(tile_footprints) == row["building_count"] and int(instances.max()) <= row["building_count"]

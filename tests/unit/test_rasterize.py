@@ -32,10 +32,11 @@ from rasterio.warp import transform_geom
 from shapely.geometry import GeometryCollection, LineString, MultiPolygon, Point, Polygon, box, mapping, shape
 
 from harvester.labels.osm import parse_buildings
-from harvester.rasterize import (decode_instances_png, decode_mask_png, encode_instances_png, encode_mask_png,
-                                 fill_polygons, rasterize, rasterize_instances)
+from harvester.rasterize import (decode_mask_png, encode_instances_png, encode_mask_png, fill_polygons, rasterize,
+                                 rasterize_instances)
 from harvester.tiles import EARTH_RADIUS_M, Tile, ancestor, lonlat_bounds, mercator_bounds, pixel_transform, tile_at, \
     to_mercator
+from trainer.decode import DecodeError, decode_instances
 
 KAMPALA = Path(__file__).resolve().parents[3] / "shared" / "data" / "kampala-oam"
 HELSINKI_OVERPASS = Path(__file__).resolve().parents[1] / "fixtures" / "helsinki_buildings.overpass.json.gz"
@@ -259,12 +260,12 @@ def test_instances_of_overlapping_multipolygons_and_holes():
     png = encode_instances_png(instances)
     with Image.open(io.BytesIO(png)) as image:  # what any PNG reader sees: 16-bit grey
         assert image.mode == "I;16" and image.size == (256, 256) and png[24:26] == b"\x10\x00"
-    np.testing.assert_array_equal(decode_instances_png(png), instances)
+    np.testing.assert_array_equal(decode_instances(png), instances)
     wide = np.zeros((256, 256), dtype=np.uint16)
     wide[0, 0], wide[255, 255] = 1, 65535  # the full 16-bit range survives
-    np.testing.assert_array_equal(decode_instances_png(encode_instances_png(wide)), wide)
-    with pytest.raises(ValueError, match="16-bit"):
-        decode_instances_png(encode_mask_png(instances != 0))
+    np.testing.assert_array_equal(decode_instances(encode_instances_png(wide)), wide)
+    with pytest.raises(DecodeError, match="16-bit"):
+        decode_instances(encode_mask_png(instances != 0))
 
 
 HALF = st.integers(-8, 72).map(lambda v: v / 2)  # pixel coordinates on a half-pixel grid around a 32-pixel tile
