@@ -4,7 +4,8 @@ Real JPEG tiles: the dubai-aerial crops (``shared/data/dubai-aerial``, about 1,3
 loaded into a temporary database that the bench creates and drops (or ``--database-url`` of an existing one, read
 only). It prints, in one run, :class:`trainer.data.SampleStream` at ``--batch-size`` with each of ``--workers`` worker
 processes, the same with a thread of this process holding the GIL about half the time (``+GIL``, as a training
-loop's Python dispatch does), and a baseline: a plain single-threaded loop (fetch a chunk of rows, decode each image
+loop's Python dispatch does), the largest worker count read one epoch at a time (``epoch by epoch``: the pipeline
+drained and refilled at every epoch boundary, as training read it before ``SampleStream.batches``), and a baseline: a plain single-threaded loop (fetch a chunk of rows, decode each image
 and mask with Pillow, stack). Measurements alternate over ``--rounds`` rounds (the median is kept: this machine's
 other work comes and goes); the targets are ratios within the run: loader / baseline >= 2 and loader+GIL / loader
 >= 0.8 (2 workers).
@@ -133,6 +134,7 @@ def run_bench(database_url: str, samples: int, batch_size: int = 32, workers: tu
                                "batch_size": batch_size, "rounds": rounds}
     configs: list[tuple[str, Any]] = [("baseline", None)]
     configs += [(str(w), (w, False)) for w in workers] + [(f"{w}+GIL", (w, True)) for w in workers]
+    configs += [(f"{workers[-1]} epoch by epoch", (workers[-1], None))]  # the pipeline drained at each boundary
     runs: dict[str, list[Measure]] = {name: [] for name, _ in configs}
     for _ in range(rounds):
         for name, config in configs:
@@ -140,13 +142,24 @@ def run_bench(database_url: str, samples: int, batch_size: int = 32, workers: tu
                 runs[name].append(measure_baseline(database_url, batch_size, samples=samples // 2))
             else:
                 w, hog = config
-                runs[name].append(measure_loader(database_url, batch_size, w, samples=samples, gil_hog=hog))
+                runs[name].append(measure_loader(database_url, batch_size, w, samples=samples, gil_hog=bool(hog),
+                                                 continuous=hog is not None))
     median = {name: sorted(m, key=lambda x: x.samples_per_s)[len(m) // 2] for name, m in runs.items()}
     base = median["baseline"].samples_per_s
     results["rows"] = [{"workers": name, **dataclasses.asdict(m), "all_samples_per_s": [x.samples_per_s for x in
                         runs[name]], "ratio_to_baseline": m.samples_per_s / base} for name, m in median.items()]
     for w in workers:
         results[f"gil_ratio_{w}"] = median[f"{w}+GIL"].samples_per_s / median[str(w)].samples_per_s
+    results["continuous_to_epoch_by_epoch"] = (median[str(workers[-1])].samples_per_s
+                                               / median[f"{workers[-1]} epoch by epoch"].samples_per_s)
+    # A consumer that takes each batch in 1.5 x the time the loader needs for it (a GPU step's stand-in): an
+    # ideal pipeline never keeps it waiting; a drained one does at each epoch boundary.
+    pace = 1.5 * batch_size / median[str(workers[-1])].samples_per_s
+    paced = {mode: [measure_loader(database_url, batch_size, workers[-1], samples=samples, pace_s=pace,
+                                   continuous=mode == "continuous").wait_fraction for _ in range(rounds)]
+             for mode in ("continuous", "epoch by epoch")}
+    results["paced"] = {"pace_ms": pace * 1e3, "workers": workers[-1],
+                        **{mode: sorted(w)[len(w) // 2] for mode, w in paced.items()}}
     results["load_average_after"] = os.getloadavg()[0]
     results["server_cpu_ms_per_sample"] = server_cpu_ms_per_sample(database_url)
     return results
@@ -165,6 +178,12 @@ def _print_report(results: dict[str, Any]) -> None:
         if key.startswith("gil_ratio_"):
             print(f"{key.removeprefix('gil_ratio_')} workers with a thread holding the GIL half the time:"
                   f" {value:.2f} of their speed without it (target >= 0.8)")
+    print(f"one stream through the epochs (as training reads it) / one epoch at a time:"
+          f" {results['continuous_to_epoch_by_epoch']:.2f}")
+    p = results["paced"]
+    print(f"a consumer taking {p['pace_ms']:.1f} ms a batch (1.5 x the loader's time, {p['workers']} workers) waited"
+          f" for data {100 * p['continuous']:.1f} % of the time with one stream through the epochs,"
+          f" {100 * p['epoch by epoch']:.1f} % reading one epoch at a time")
     print("CPU ms/sample: this process only (workers and PostgreSQL not counted). PostgreSQL backend CPU:"
           f" {results['server_cpu_ms_per_sample'] or float('nan'):.2f} ms/sample. Target: 2 workers >= 2x baseline.")
 

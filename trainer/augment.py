@@ -46,16 +46,21 @@ def color_jitter(image: jax.Array, key: jax.Array) -> jax.Array:
 
 
 def augment_batch(key: jax.Array, images: jax.Array, masks: jax.Array, *planes: jax.Array) -> tuple[jax.Array, ...]:
-    """``images`` float [B, H, W, 3] in [0, 1], ``masks`` [B, H, W] (and other per-pixel targets ``planes``, e.g.
-    the borders, [B, H, W] each) -> ``(images, masks, *planes)`` augmented, one draw per sample."""
+    """``images`` uint8 [B, H, W, 3], ``masks`` [B, H, W] (and other per-pixel targets ``planes``, e.g. the borders,
+    [B, H, W] each), all uint8 -> ``(images, masks, *planes)`` augmented, one draw per sample: the images float32 in
+    [0, 1], the targets float32 {0, 1}.
+
+    The symmetry moves the uint8 arrays (vmapped, ``lax.switch`` computes all 8 branches and selects: a quarter of
+    the bytes of doing it in float32); the colour jitter runs on the float image after it.
+    """
     def one(sample_key, image, *targets):
         k_dihedral, k_color = jax.random.split(sample_key)
         k = jax.random.randint(k_dihedral, (), 0, NUM_DIHEDRAL)
         # transform image and targets as one array: they cannot drift apart
         stacked = dihedral(jnp.concatenate([image, *(t[..., None].astype(image.dtype) for t in targets)], axis=-1), k)
-        out = stacked[..., 3:]
-        return (color_jitter(stacked[..., :3], k_color),
-                *(out[..., i].astype(t.dtype) for i, t in enumerate(targets)))
+        out = stacked[..., 3:].astype(jnp.float32)
+        return (color_jitter(stacked[..., :3].astype(jnp.float32) / 255.0, k_color),
+                *(out[..., i] for i in range(len(targets))))
 
     keys = jax.random.split(key, images.shape[0])
     return jax.vmap(one)(keys, images, masks, *planes)

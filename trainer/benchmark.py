@@ -5,14 +5,15 @@ parallel over every local device) on a synthetic batch already on the device, so
 picture. Its FLOPs are counted from the layer shapes (:mod:`trainer.flops`); MFU = achieved FLOP/s / (peak FLOP/s of
 one device x devices), ``None`` where the peak is unknown (CPU) unless ``peak_tflops`` is given.
 
-The loader is :class:`trainer.data.SampleStream` over split ``train`` of a database, epoch after epoch (its start-up
-counted), after one untimed batch; ``gil_hog`` adds a thread of this process that holds the GIL about half the time,
+The loader is :class:`trainer.data.SampleStream` over split ``train`` of a database, epoch after epoch as training
+reads it (:meth:`~trainer.data.SampleStream.batches`), after one untimed batch; ``gil_hog`` adds a thread of this process that holds the GIL about half the time,
 as a training loop's Python dispatch does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -62,13 +63,13 @@ def step_benchmark(base_filters: int, batch_size: int, steps: int, *, depth: int
     devices = len(mesh.devices.flat)
     device = jax.devices()[0]
     backend = jax.default_backend()
-    flops = train_flops_per_image(base_filters, depth)
+    flops = train_flops_per_image(base_filters, depth, residual=config.residual, outputs=2 if config.borders else 1)
     peak = peak_tflops if peak_tflops is not None else device_peak(device.device_kind, backend)
     images_per_s = batch_size / step_s
     achieved = flops * images_per_s / 1e12
     return {
         "backend": backend, "device": device.device_kind, "devices": devices, "base_filters": base_filters,
-        "depth": depth, "batch_size": batch_size, "steps": steps,
+        "depth": depth, "residual": config.residual, "batch_size": batch_size, "steps": steps,
         "compute_dtype": str(jnp.dtype(default_compute_dtype(compute_dtype))), "compile_s": round(compile_s, 3),
         "step_s": step_s, "images_per_s": images_per_s, "train_flops_per_image": flops, "tflops_per_s": achieved,
         "peak_tflops": peak, "mfu": achieved / (peak * devices) if peak else None,
@@ -79,11 +80,17 @@ def step_benchmark(base_filters: int, batch_size: int, steps: int, *, depth: int
 class LoaderMeasure:
     samples_per_s: float  # wall clock
     cpu_ms_per_sample: float  # CPU time of this process (every thread; not the worker processes nor PostgreSQL)
+    wait_fraction: float = 0.0  # share of the wall clock spent waiting for the next batch
 
 
 def measure_loader(database_url: str, batch_size: int, workers: int, *, samples: int = 2000, prefetch: int = 4,
-                   gil_hog: bool = False, split: str = TRAIN_SPLIT) -> LoaderMeasure:
-    """:class:`SampleStream` (shuffled) over at least ``samples`` samples of ``split``, epochs one after another."""
+                   gil_hog: bool = False, split: str = TRAIN_SPLIT, continuous: bool = True,
+                   pace_s: float = 0.0) -> LoaderMeasure:
+    """:class:`SampleStream` (shuffled) over at least ``samples`` samples of ``split``, epochs one after another:
+    one :meth:`~SampleStream.batches` stream, or with ``continuous`` False one :meth:`~SampleStream.epoch` at a
+    time (the pipeline drained and refilled at each boundary: what training did before). ``pace_s``: the consumer
+    spends that long on each batch (sleeping, GIL released: a GPU step's stand-in); ``wait_fraction`` then says how
+    much of the time it waited for data beyond that."""
     from .data import SampleStream
 
     # As the default training reads it: without border targets (trainer.train derives them only when used).
@@ -91,18 +98,25 @@ def measure_loader(database_url: str, batch_size: int, workers: int, *, samples:
                       borders=False) as stream:
         if stream.num_batches() == 0:
             raise DataError(f"split {split!r} holds {len(stream)} samples, fewer than one batch of {batch_size}")
-        for _ in stream.epoch(10_000):  # warm PostgreSQL's cache, the workers and the decoders
-            break
-        with hog_gil() if gil_hog else contextlib.nullcontext():
-            seen, epoch = 0, 0
-            start, cpu = time.perf_counter(), time.process_time()
-            while seen < samples:
-                for batch in stream.epoch(epoch):
-                    seen += int(batch.valid.sum())
-                    if seen >= samples:
-                        break
-                epoch += 1
-            return LoaderMeasure(seen / (time.perf_counter() - start), (time.process_time() - cpu) / seen * 1e3)
+        if continuous:
+            batches = stream.batches(0)  # epoch after epoch, as training reads them
+        else:
+            batches = ((e, b) for e in itertools.count() for b in stream.epoch(e))
+        try:
+            next(batches)  # warm PostgreSQL's cache, the workers and the decoders
+            with hog_gil() if gil_hog else contextlib.nullcontext():
+                seen, waited = 0, 0.0
+                start, cpu = time.perf_counter(), time.process_time()
+                while seen < samples:
+                    asked = time.perf_counter()
+                    seen += int(next(batches)[1].valid.sum())
+                    waited += time.perf_counter() - asked
+                    if pace_s:
+                        time.sleep(pace_s)
+                wall = time.perf_counter() - start
+                return LoaderMeasure(seen / wall, (time.process_time() - cpu) / seen * 1e3, waited / wall)
+        finally:
+            batches.close()
 
 
 @contextlib.contextmanager

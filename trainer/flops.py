@@ -55,20 +55,24 @@ def _one_conv_macs(eqn) -> int:
     return positions * kernel_spatial * in_features * out_features
 
 
-def forward_flops_per_image(base_filters: int, depth: int, size: int = TILE_SIZE) -> int:
-    """FLOPs (2 x MACs of every convolution) of one forward pass of the U-Net on one ``size`` x ``size`` image."""
+def forward_flops_per_image(base_filters: int, depth: int, size: int = TILE_SIZE, *, residual: bool = False,
+                            outputs: int = 1) -> int:
+    """FLOPs (2 x MACs of every convolution) of one forward pass of the U-Net on one ``size`` x ``size`` image
+    (``residual``: with the 1x1 projections of the residual blocks; ``outputs``: 2 with the border output)."""
     from .model import UNet
 
-    abstract = nnx.eval_shape(lambda: UNet(base_filters=base_filters, depth=depth, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: UNet(base_filters=base_filters, depth=depth, residual=residual,
+                                           outputs=outputs, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, image)
     return 2 * conv_macs(jaxpr.jaxpr)
 
 
-def train_flops_per_image(base_filters: int, depth: int, size: int = TILE_SIZE) -> int:
+def train_flops_per_image(base_filters: int, depth: int, size: int = TILE_SIZE, *, residual: bool = False,
+                          outputs: int = 1) -> int:
     """FLOPs of one train step per image: forward + backward = 3 x the forward pass."""
-    return TRAIN_FACTOR * forward_flops_per_image(base_filters, depth, size)
+    return TRAIN_FACTOR * forward_flops_per_image(base_filters, depth, size, residual=residual, outputs=outputs)
 
 
 def peak_tflops(device_kind: str, backend: str) -> float | None:

@@ -122,11 +122,18 @@ class UNet(nnx.Module):
             x = block(x)
             if level < self.depth:
                 skips.append(x)
-                x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
         for up, block, skip in zip(self.upsample, self.decoder, reversed(skips)):
             x = block(jnp.concatenate([skip, up(x)], axis=-1))
         logits = self.head(x).astype(jnp.float32)
         return logits[..., 0] if self.outputs == 1 else logits
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max pooling, stride 2, of ``x`` [B, H, W, C] (H, W even) as a reshape and a max: the same values and
+    gradients as ``nnx.max_pool``, whose backward pass (XLA's select-and-scatter) is a slow kernel on GPUs."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 def _head_bias(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:

@@ -177,12 +177,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on ``batch`` (``images``, ``masks``, ``borders`` uint8, ``valid`` bool). Pure; jit it.
     ``loss_options``: keyword arguments of :func:`trainer.losses.segmentation_loss`."""
-    images = batch["images"].astype(jnp.float32) / 255.0
-    masks = batch["masks"].astype(jnp.float32)
-    borders = batch["borders"].astype(jnp.float32)
     if augment:
-        images, masks, borders = augment_batch(jax.random.fold_in(prng_key(seed), state.step), images, masks,
-                                               borders)
+        images, masks, borders = augment_batch(jax.random.fold_in(prng_key(seed), state.step), batch["images"],
+                                               batch["masks"], batch["borders"])
+    else:
+        images = batch["images"].astype(jnp.float32) / 255.0
+        masks = batch["masks"].astype(jnp.float32)
+        borders = batch["borders"].astype(jnp.float32)
 
     def loss_fn(params):
         logits = nnx.merge(graphdef, params)(images)

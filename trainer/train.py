@@ -43,7 +43,8 @@ class _Speed:
 
         device = jax.devices()[0]
         self.peak = peak_tflops(device.device_kind, jax.default_backend())
-        self.flops = train_flops_per_image(config.base_filters, config.depth) if self.peak else None
+        self.flops = train_flops_per_image(config.base_filters, config.depth, residual=config.residual,
+                                           outputs=2 if config.borders else 1) if self.peak else None
         self.devices = devices
 
     def mfu(self, images_per_s: float) -> dict:
@@ -188,43 +189,31 @@ def train_and_evaluate(config: TrainConfig, workdir: Path | str, *, stop_after: 
 
         step = start_step
         epoch, first_batch = divmod(step, steps_per_epoch)
+        # One stream through the epochs: the workers decode the next epoch while this one ends. An epoch shortened
+        # by skipped samples ends early; the next one still starts at its batch 0.
+        batches = prefetch_to_device((batch for _, batch in train_stream.batches(epoch, start_batch=first_batch)),
+                                     size=2, sharding=batch_sharded(mesh))
         try:
             with bar, logging_redirect_tqdm():  # log lines printed above the bar, not through it
                 while step < last_step:
-                    batches = prefetch_to_device(train_stream.epoch(epoch, start_batch=first_batch), size=2,
-                                                 sharding=batch_sharded(mesh))
-                    step_at_epoch_start = step
-                    try:
-                        while True:
-                            waited = time.perf_counter()
-                            batch = next(batches, None)
-                            clock["wait"] += time.perf_counter() - waited
-                            if batch is None:
-                                break
-                            arrays = {k: batch[k] for k in ("images", "masks", "borders", "valid")}
-                            state, step_metrics = step_fn(state, arrays)
-                            step += 1
-                            pending.append((step, step_metrics))
-                            clock["steps"] += 1
-                            bar.update()
-                            finished = step == last_step
-                            do_eval = step % config.eval_every == 0 or step == total_steps
-                            do_save = step % config.checkpoint_every == 0 or finished
-                            if step % config.log_every == 0 or do_eval or do_save:
-                                check_and_log(step)
-                            if do_eval:
-                                validate(step)
-                            if do_save:
-                                checkpoints.save_latest(step, state)
-                            if finished:
-                                break
-                    finally:
-                        batches.close()
-                    if step == step_at_epoch_start:
-                        raise DataError(f"epoch {epoch} of split 'train' yielded no batch "
-                                        f"({train_stream.skipped} samples skipped as undecodable)")
-                    # an epoch shortened by skipped samples ends early: the next one still starts at its batch 0
-                    epoch, first_batch = epoch + 1, 0
+                    waited = time.perf_counter()
+                    batch = next(batches)
+                    clock["wait"] += time.perf_counter() - waited
+                    arrays = {k: batch[k] for k in ("images", "masks", "borders", "valid")}
+                    state, step_metrics = step_fn(state, arrays)
+                    step += 1
+                    pending.append((step, step_metrics))
+                    clock["steps"] += 1
+                    bar.update()
+                    finished = step == last_step
+                    do_eval = step % config.eval_every == 0 or step == total_steps
+                    do_save = step % config.checkpoint_every == 0 or finished
+                    if step % config.log_every == 0 or do_eval or do_save:
+                        check_and_log(step)
+                    if do_eval:
+                        validate(step)
+                    if do_save:
+                        checkpoints.save_latest(step, state)
         except KeyboardInterrupt:
             check_and_log(step)
             if step > (checkpoints.latest_step() or 0):
@@ -236,5 +225,7 @@ def train_and_evaluate(config: TrainConfig, workdir: Path | str, *, stop_after: 
                     raise KeyboardInterrupt from None
             log.warning("interrupted at step %d; checkpoint saved, run the same command to resume", step)
             raise
+        finally:
+            batches.close()
         summary.update(step=step, best_val_iou=checkpoints.best_iou())
         return summary

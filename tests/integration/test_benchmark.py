@@ -39,8 +39,9 @@ def test_benchmark_json_with_loader_and_the_cache_on_the_second_start(migrated_d
     (line,) = first.stdout.splitlines()
     row = json.loads(line)
     assert row["backend"] == "cpu" and row["base_filters"] == 4 and row["batch_size"] == 2
-    # base 4, depth 1 on 256 x 256: 61,341,696 MACs by hand (tests/unit/test_flops.py), x 2 x 3
-    assert row["train_flops_per_image"] == 6 * 61_341_696
+    # base 4, depth 1 on 256 x 256, residual (the default): 61,341,696 MACs of the plain U-Net + 3,407,872 of the
+    # projections by hand (tests/unit/test_flops.py), x 2 x 3
+    assert row["residual"] is True and row["train_flops_per_image"] == 6 * (61_341_696 + 3_407_872)
     assert row["images_per_s"] > 0 and row["tflops_per_s"] == pytest.approx(
         row["images_per_s"] * row["train_flops_per_image"] / 1e12)
     assert row["peak_tflops"] is None and row["mfu"] is None  # unknown peak on CPU

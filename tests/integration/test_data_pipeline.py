@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import logging
 import os
 import signal
@@ -182,6 +183,42 @@ def test_start_batch_resumes_exactly(stored):
         np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
         np.testing.assert_array_equal(a.images, b.images)
         np.testing.assert_array_equal(a.masks, b.masks)
+
+
+@pytest.mark.parametrize("pad_last", [False, True])
+def test_batches_run_on_through_the_epochs_as_epoch_by_epoch(stored, pad_last):
+    """The stream training reads: the batches of epoch 2 from batch 3, then epochs 3 and 4 whole, each as
+    ``epoch()`` gives it (same ids, same pixels), epoch numbers attached; across the boundaries the workers go on."""
+    with SampleStream(stored.url, "train", None, 4, seed=5, pad_last=pad_last, decode_workers=3) as stream:
+        expected = [(e, b) for e, start in ((2, 3), (3, 0), (4, 0)) for b in stream.epoch(e, start_batch=start)]
+        got = list(itertools.islice(stream.batches(2, start_batch=3), len(expected) + 1))
+        assert stream.num_batches() == (8 if pad_last else 7)
+    assert [e for e, _ in got] == [e for e, _ in expected] + [5]
+    for (_, a), (_, b) in zip(expected, got):
+        np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
+        np.testing.assert_array_equal(a.valid, b.valid)
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.masks, b.masks)
+
+
+def test_batches_stop_with_an_error_when_an_epoch_yields_nothing(own_stored):
+    """Every row of the selection undecodable: the endless stream raises instead of looping over empty epochs."""
+    bad = asyncio.run(_insert_bad_rows(own_stored.url))
+    asyncio.run(_delete_except(own_stored.url, bad))  # split train: the 4 undecodable rows alone
+    with SampleStream(own_stored.url, "train", None, 2) as stream:
+        assert len(stream) == 4
+        with pytest.raises(DataError, match="epoch 0 of split 'train' yielded no batch"):
+            next(stream.batches(0))
+        assert stream.skipped == 4
+
+
+async def _delete_except(url: str, keep: set[int]) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("DELETE FROM samples WHERE split = 'train' AND NOT (sample_id = ANY($1::bigint[]))",
+                           list(keep))
+    finally:
+        await conn.close()
 
 
 @pytest.mark.parametrize(("split", "zooms", "provider"), [

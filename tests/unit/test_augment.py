@@ -53,8 +53,8 @@ def test_group_closure_and_inverses():
 
 def test_image_and_mask_stay_aligned():
     rng = np.random.default_rng(0)
-    masks = (rng.random((16, 32, 32)) > 0.7).astype(np.float32)
-    images = np.repeat((0.2 + 0.6 * masks)[..., None], 3, axis=-1)  # buildings brighter than ground
+    masks = (rng.random((16, 32, 32)) > 0.7).astype(np.uint8)
+    images = np.repeat((50 + 150 * masks)[..., None], 3, axis=-1).astype(np.uint8)  # buildings brighter
     out_images, out_masks = jax.jit(augment_batch)(jax.random.key(3, impl="rbg"), jnp.asarray(images),
                                                    jnp.asarray(masks))
     out_images, out_masks = np.asarray(out_images), np.asarray(out_masks)
@@ -69,8 +69,8 @@ def test_image_and_mask_stay_aligned():
 
 
 def test_same_key_same_augmentation():
-    images = jnp.asarray(np.random.default_rng(1).random((4, 8, 8, 3)), jnp.float32)
-    masks = jnp.zeros((4, 8, 8))
+    images = jnp.asarray(np.random.default_rng(1).integers(0, 256, (4, 8, 8, 3)), jnp.uint8)
+    masks = jnp.zeros((4, 8, 8), jnp.uint8)
     key = jax.random.key(7, impl="rbg")
     a = jax.jit(augment_batch)(key, images, masks)
     b = jax.jit(augment_batch)(key, images, masks)

@@ -18,6 +18,14 @@ def test_tiny_unet_forward_flops_by_hand():
     assert train_flops_per_image(4, 1) == 3 * 2 * macs
 
 
+def test_residual_projections_and_border_output_by_hand():
+    # base 4, depth 1, residual: a 1x1 projection wherever a block changes the width (3->4 and 8->4 at 256^2,
+    # 4->8 at 128^2); a second output adds a 1x1 4->1 head channel.
+    projections = 256 * 256 * 3 * 4 + 128 * 128 * 4 * 8 + 256 * 256 * 8 * 4
+    assert forward_flops_per_image(4, 1, residual=True) == 2 * (61_341_696 + projections)
+    assert forward_flops_per_image(4, 1, outputs=2) == 2 * (61_341_696 + 256 * 256 * 4)
+
+
 def test_default_unet_train_flops_by_hand():
     # base 32, depth 4: widths 32..512 at 256..16 pixels. Encoder level l: s^2 x 9 x (C_in x w + w x w).
     w, s = [32, 64, 128, 256, 512], [256, 128, 64, 32, 16]

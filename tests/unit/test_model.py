@@ -140,3 +140,14 @@ def test_border_logit_starts_at_the_prior():
     assert plain.head.bias[...].tolist() == [0.0]
     building, border = split_logits(model(jnp.zeros((1, 16, 16, 3))))
     assert building.shape == border.shape == (1, 16, 16)
+
+
+def test_max_pool_2x2_matches_flax_pooling_values_and_gradients():
+    from trainer.model import max_pool_2x2
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 12, 5)), jnp.float32)
+    reference = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(reference))
+    grad = jax.grad(lambda a: (max_pool_2x2(a) ** 2).sum())(x)
+    grad_reference = jax.grad(lambda a: (nnx.max_pool(a, window_shape=(2, 2), strides=(2, 2)) ** 2).sum())(x)
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(grad_reference))
