@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import os
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -81,8 +82,10 @@ async def warm_overpass(url: str, points: np.ndarray, zooms: tuple[int, ...], co
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def end_to_end(samples: int, concurrency: int, workdir: str, tile_files: str | None = None
-                     ) -> dict[str, float]:
+async def end_to_end(samples: int, concurrency: int, workdir: str, tile_files: str | None = None,
+                     processes: int = 0) -> dict[str, float]:
+    """``processes``: also run the harvest as that many ``harvester run`` processes on one database (one shared
+    budget, as ``docker compose up --scale harvester=N`` would), on a fresh database in the same run."""
     points_csv = os.path.join(workdir, "points.csv")
     points = write_points(points_csv, samples, seed=1)
     proc, fake_env = start_fakes("--prewarm", points_csv, *(("--tile-files", tile_files) if tile_files else ()))
@@ -90,24 +93,49 @@ async def end_to_end(samples: int, concurrency: int, workdir: str, tile_files: s
         await warm_overpass(fake_env["HARVESTER_OVERPASS_URL"], points, (17, 18))
         baseline = await raw_tile_rate(fake_env["HARVESTER_TILE_URL"], points, concurrency)
         figures = {}
-        for shared in (False, True):
+        for shared in (False, True, "processes") if processes else (False, True):
             async with TempDatabase(prefix="tilesmith_bench", migrate=True) as url:
-                settings = load_settings({
-                    **fake_env, "DATABASE_URL": url, "HARVESTER_POINTS": points_csv, "HARVESTER_ZOOMS": "17,18",
-                    "HARVESTER_TILE_PROVIDER": "xyz", "HARVESTER_TILE_RATE": "100000",
-                    "HARVESTER_TILE_CONCURRENCY": str(concurrency), "HARVESTER_OVERPASS_RATE": "100000",
-                    "HARVESTER_OVERPASS_CONCURRENCY": "8", "HARVESTER_SEED": "1"})
+                env = {**fake_env, "DATABASE_URL": url, "HARVESTER_POINTS": points_csv, "HARVESTER_ZOOMS": "17,18",
+                       "HARVESTER_TILE_PROVIDER": "xyz", "HARVESTER_TILE_RATE": "100000",
+                       "HARVESTER_TILE_CONCURRENCY": str(concurrency), "HARVESTER_OVERPASS_RATE": "100000",
+                       "HARVESTER_OVERPASS_CONCURRENCY": "8", "HARVESTER_SEED": "1"}
                 start = time.perf_counter()
-                final = await harvest(settings, shared_budget=shared)
-                figures[shared] = (final["done"], time.perf_counter() - start)
+                if shared == "processes":
+                    done = await harvest_processes(env, processes, url)
+                else:
+                    done = (await harvest(load_settings(env), shared_budget=shared))["done"]
+                figures[shared] = (done, time.perf_counter() - start)
         stored, elapsed = figures[True]
         local = figures[False][0] / figures[False][1]
-        return {"samples": stored, "seconds": elapsed, "samples_per_s": stored / elapsed,
-                "baseline_tiles_per_s": baseline, "ratio": (stored / elapsed) / baseline,
-                "in_process_samples_per_s": local, "budget_ratio": (stored / elapsed) / local}
+        out = {"samples": stored, "seconds": elapsed, "samples_per_s": stored / elapsed,
+               "baseline_tiles_per_s": baseline, "ratio": (stored / elapsed) / baseline,
+               "in_process_samples_per_s": local, "budget_ratio": (stored / elapsed) / local}
+        if processes:
+            out.update(processes=processes, processes_samples=figures["processes"][0],
+                       processes_seconds=figures["processes"][1],
+                       processes_samples_per_s=figures["processes"][0] / figures["processes"][1])
+        return out
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def harvest_processes(env: dict[str, str], processes: int, url: str) -> int:
+    """``processes`` x ``python -m harvester run`` on one database until every one exits; the samples stored."""
+    import asyncpg
+
+    procs = [await asyncio.create_subprocess_exec(sys.executable, "-m", "harvester", "run", env={**os.environ, **env},
+                                                  stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+             for _ in range(processes)]
+    results = await asyncio.gather(*(p.communicate() for p in procs))
+    for p, (_, err) in zip(procs, results):
+        if p.returncode != 0:
+            raise SystemExit(f"harvester run exited {p.returncode}: {err.decode()[-2000:]}")
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM samples")
+    finally:
+        await conn.close()
 
 
 async def rate_held(limit: float, samples: int, workdir: str) -> dict[str, float]:
@@ -142,6 +170,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="HARVESTER_TILE_RATE of the rate run")
     parser.add_argument("--rate-samples", type=int, default=150)
     parser.add_argument("--tile-files", default=KAMPALA, help="folder of real OAM-{x}-{y}-{z}.png tiles")
+    parser.add_argument("--processes", type=int, default=2, help="harvester run processes of the real-tile run's "
+                        "multi-process figure (0: leave it out)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         e2e = asyncio.run(end_to_end(args.samples, args.concurrency, workdir))
@@ -150,11 +180,16 @@ def main() -> None:
         print(f"  the same with the limits held in this process only (no shared budget): "
               f"{e2e['in_process_samples_per_s']:.0f} samples/s | shared / in-process {e2e['budget_ratio']:.2f}")
         if os.path.isdir(args.tile_files):
-            real = asyncio.run(end_to_end(args.samples, args.concurrency, workdir, args.tile_files))
+            real = asyncio.run(end_to_end(args.samples, args.concurrency, workdir, args.tile_files, args.processes))
             print(f"end to end, real tiles ({os.path.basename(os.path.normpath(args.tile_files))}): {real['samples']}"
                   f" samples in {real['seconds']:.1f} s = {real['samples_per_s']:.0f} samples/s | baseline raw tile"
                   f" fetch {real['baseline_tiles_per_s']:.0f} tiles/s | ratio {real['ratio']:.2f}"
                   f" | vs the rendered JPEGs {real['samples_per_s'] / e2e['samples_per_s']:.2f}")
+            if args.processes:
+                print(f"  the same as {real['processes']} harvester run processes on one database (shared budget):"
+                      f" {real['processes_samples']} samples in {real['processes_seconds']:.1f} s ="
+                      f" {real['processes_samples_per_s']:.0f} samples/s | vs one process"
+                      f" {real['processes_samples_per_s'] / real['samples_per_s']:.2f}")
         else:
             print(f"end to end, real tiles: skipped ({args.tile_files} not found)")
         held = asyncio.run(rate_held(args.rate, args.rate_samples, workdir))

@@ -237,6 +237,8 @@ class SharedBudget:
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._limiters: dict[str, SharedLimiter] = {}
         self._listener: asyncpg.Connection | None = None
+        self._relisten: asyncio.Task | None = None
+        self._closing = False
         self._offsets: collections.deque[float] = collections.deque(maxlen=OFFSETS_KEPT)
 
     def offset(self, db_now: float) -> float:
@@ -250,15 +252,51 @@ class SharedBudget:
             if await conn.fetchval("SELECT to_regclass('upstream_slots') IS NULL"):
                 raise DatabaseError("the database has no upstream budget tables (migration 0004): run "
                                     "`harvester migrate` first")
-        try:
-            self._listener = await asyncpg.connect(self.dsn)
-            await self._listener.add_listener(CHANNEL, self._notified)
-        except (OSError, asyncpg.PostgresError) as exc:
-            log.warning("shared budget: cannot listen for other workers' pauses (%s); polling instead", exc)
-            await self._close_listener()
+        if not await self._listen():
+            self._relisten = asyncio.get_running_loop().create_task(self._listen_again())
         return self
 
+    async def _listen(self) -> bool:
+        """Open the connection that hears the other processes' pauses and freed slots; False (logged) when it
+        cannot: waits then poll every ``POLL_S`` until it is back."""
+        conn = None
+        try:
+            conn = await asyncpg.connect(self.dsn)
+            await conn.add_listener(CHANNEL, self._notified)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("shared budget: cannot listen for other workers' pauses (%s); polling meanwhile", exc)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=5)
+            return False
+        conn.add_termination_listener(self._listener_lost)
+        self._listener = conn
+        return True
+
+    def _listener_lost(self, conn: asyncpg.Connection) -> None:
+        """The listening connection closed under us (PostgreSQL restarted, the backend was terminated): listen
+        again, polling meanwhile. Notifications sent in between are lost, so every waiter asks the database anew."""
+        if self._closing or conn is not self._listener:
+            return
+        self._listener = None
+        log.warning("shared budget: the connection that hears other workers' pauses was lost; reconnecting")
+        self._relisten = asyncio.get_running_loop().create_task(self._listen_again())
+
+    async def _listen_again(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(POLL_S)
+            if await self._listen():
+                log.info("shared budget: listening for other workers' pauses again")
+                for limiter in self._limiters.values():
+                    limiter._wake.set()
+                return
+
     async def __aexit__(self, *exc) -> None:
+        self._closing = True
+        if self._relisten is not None:
+            self._relisten.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._relisten
         await self._close_listener()
         for key, limiter in self._limiters.items():
             with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):

@@ -171,6 +171,35 @@ def test_pause_holds_the_starts_of_every_process_even_those_already_booked(migra
     assert permit.start > first.start + 1.0
 
 
+def test_a_lost_listener_reconnects_and_hears_pauses_again(migrated_database_url):
+    """Process B's listening connection dies (as in a PostgreSQL restart): B connects again and still hears the
+    pause that process A announces afterwards, through the new connection."""
+    async def go():
+        async with processes(migrated_database_url, 2) as (a, b):
+            lim_a, lim_b = limiter(a, rate=10, concurrency=2), limiter(b, rate=10, concurrency=2)
+            lost = b._listener
+            admin = await asyncpg.connect(migrated_database_url)
+            try:
+                assert await admin.fetchval("SELECT pg_terminate_backend($1)", lost.get_server_pid())
+            finally:
+                await admin.close()
+            for _ in range(200):  # it tries again after POLL_S
+                if b._listener is not None and b._listener is not lost:
+                    break
+                await asyncio.sleep(0.05)
+            relistened = b._listener is not None and b._listener is not lost and lost.is_closed()
+            await lim_a.pause(5.0)
+            for _ in range(100):
+                if lim_b._pause_end >= lim_a._pause_end:
+                    break
+                await asyncio.sleep(0.02)
+            return relistened, lim_a._pause_end, lim_b._pause_end
+
+    relistened, until_a, until_b = asyncio.run(go())
+    assert relistened
+    assert until_b == until_a  # B heard A's pause (B books nothing: only the notification tells it)
+
+
 def test_cancelled_waiters_leave_no_slot_held(migrated_database_url):
     async def go():
         async with processes(migrated_database_url, 2) as (a, b):

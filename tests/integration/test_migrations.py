@@ -43,6 +43,30 @@ def test_migrate_empty_database_twice(empty_database_url):
     assert footprint_type == "POLYGON,4326"
 
 
+def test_tile_images_are_stored_without_compression(migrated_database_url):
+    """Already-compressed tiles are not run through pglz again (migration 0006): a compressible body is stored as
+    many bytes as it has, out of line; the mask keeps PostgreSQL's default."""
+    async def stored_size() -> tuple[str, int, int]:
+        conn = await asyncpg.connect(migrated_database_url)
+        try:
+            storage = await conn.fetchval("SELECT attstorage::text FROM pg_attribute WHERE attrelid = 'samples'::regclass"
+                                          " AND attname = 'image'")
+            body = b"\x89PNG" + b"\x00" * 100_000  # would shrink to a few hundred bytes under pglz
+            size = await conn.fetchval("SELECT pg_column_size($1::bytea)", body)  # a parameter: never compressed
+            await conn.execute("CREATE TEMP TABLE probe (LIKE samples INCLUDING ALL)")  # its storage settings too
+            await conn.execute("INSERT INTO probe (sample_id, footprint, split, image, image_format, mask,"
+                               " building_pixels, building_count) VALUES (1, ST_MakeEnvelope(0, 0, 1, 1, 4326),"
+                               " 'train', $1, 'png', '\\x00', 0, 0)", body)
+            stored = await conn.fetchval("SELECT pg_column_size(image) FROM probe")
+            return storage, size, stored
+        finally:
+            await conn.close()
+
+    storage, size, stored = asyncio.run(stored_size())
+    assert storage == "e"  # EXTERNAL
+    assert stored >= size - 8  # the whole body, uncompressed
+
+
 def test_concurrent_migrations_apply_once(empty_database_url):
     async def run_many():
         return await asyncio.gather(*(db.migrate(empty_database_url) for _ in range(4)))
