@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from . import db
-from .rasterize import decode_mask_png
+from .decode import decode_mask
 from .splits import SPLITS
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ async def export(database_url: str, zoom: int, out: Path, *, batch_size: int = 2
                 images, masks = [], []
                 async for row in cursor:
                     images.append(decode_rgb(row["image"]))
-                    masks.append((decode_mask_png(row["mask"]) > 0).astype(np.uint8))
+                    masks.append(decode_mask(row["mask"]))
                     if len(images) == batch_size:
                         _write(out / f"z{zoom}_{split}_{k}.npz", images, masks)
                         written[split] += len(images)

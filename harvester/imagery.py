@@ -24,7 +24,7 @@ from PIL import Image
 from .errors import BadTile, TileUnavailable
 
 TILE_SIZE = 256
-#: Pixel limit for Pillow's decompression-bomb check, for the harvester and the trainer alike (trainer.decode takes
+#: Pixel limit for Pillow's decompression-bomb check, for the harvester and the trainer alike (harvester.decode takes
 #: it from here). Process-wide (Pillow has only a global knob), so set in this one place; 4096^2 is far above any tile
 #: and any image this project reads (the largest, a Dubai source image, is 2149 x 2062), and far below what would
 #: exhaust memory.

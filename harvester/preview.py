@@ -5,7 +5,7 @@ What is drawn is a deterministic sample of the ``dataset`` view: within each zoo
 ``md5(seed:sample_id)``, and the sheet takes rank 1 of every zoom, then rank 2 of every zoom, and so on, up to
 ``limit`` (an even mix of the zooms; the same seed and data give the same sheet). Choosing reads only the ids and
 zooms of the selection; the images and masks are then read for the chosen ids only, so a sheet of a table of
-millions costs one pass over its ids and ``limit`` images. Tiles are decoded by :mod:`trainer.decode` (the trainer's
+millions costs one pass over its ids and ``limit`` images. Tiles are decoded by :mod:`harvester.decode` (the trainer's
 own decoders, no JAX); one that does not decode is drawn as a grey cell saying why.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from trainer.decode import TILE_SIZE, DecodeError, decode_image, decode_mask
+from .decode import TILE_SIZE, DecodeError, decode_image, decode_mask
 
 from . import db
 from .errors import ConfigError

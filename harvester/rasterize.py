@@ -302,15 +302,3 @@ def _grey_png(scanlines: np.ndarray, width: int, height: int, bit_depth: int) ->
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
-
-
-def decode_mask_png(data: bytes) -> np.ndarray:
-    """The uint8 mask of a one-channel PNG, as 0/1 (nonzero = building, SPEC.md)."""
-    try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-            if image.mode not in ("L", "1", "P", "I", "I;16"):
-                raise ValueError(f"a mask PNG has one channel, this one is {image.mode}")
-            pixels = np.asarray(image)
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"not a readable mask PNG ({len(data)} bytes): {exc}") from exc
-    return (pixels != 0).astype(np.uint8)

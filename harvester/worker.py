@@ -4,9 +4,9 @@ stores each sample (image, mask, statistics, state) in one statement.
 Bounded by design: at most ``slots`` areas in flight per process; every upstream request passes its
 :class:`~harvester.http.Upstream`. The CPU work of a JPEG sample (decode, rasterize, PNG: about 1 ms) runs inline on
 the event loop: handing it to threads made the loop wait for the GIL on every socket call and halved throughput. A PNG
-or WebP tile goes to a thread: its decode (2-3 ms for a real 150 kB RGBA PNG) releases the GIL, and on real tiles
-the harvest went from 0.62 to 0.84 of its rate on the fakes' small JPEGs (``python -m bench.bench_harvester``). A job's lease is renewed by a
-heartbeat while its area is in flight, so jobs of a crashed worker return to the queue when their lease expires.
+or WebP tile goes to a thread: its decode (1.5-3 ms for a real 100-150 kB RGBA PNG) releases the GIL (README,
+"Performance", for what real tiles cost against the fakes' small JPEGs). A job's lease is renewed by a heartbeat
+while its area is in flight, so jobs of a crashed worker return to the queue when their lease expires.
 """
 
 from __future__ import annotations

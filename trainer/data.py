@@ -7,7 +7,7 @@ Stages of one epoch, each bounded so that memory does not grow with the table:
    by ``np.random.default_rng((seed, epoch))``, or sorted by id when not shuffling, from ``start_batch * batch_size``.
 2. **fetch + decode** - ``decode_workers`` worker processes (:mod:`trainer.pipeline`, started at the first epoch and
    kept until the stream is closed) each read chunks of :data:`~trainer.pipeline.CHUNK_ROWS` ids with their own
-   asyncpg connection and decode them (:mod:`trainer.decode`) into slots of shared memory: outside this process's
+   asyncpg connection and decode them (:mod:`harvester.decode`) into slots of shared memory: outside this process's
    GIL, so a training loop's Python does not slow them down. Up to ``2 x decode_workers + prefetch`` chunks are in
    flight or decoded ahead.
 3. **assemble** - in the consumer's thread, when it asks for the next batch: the decoded rows of each chunk, in the

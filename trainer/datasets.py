@@ -46,7 +46,7 @@ from harvester.store import insert_external_sample
 from harvester.tiles import Tile, lonlat_bounds, tile_at
 
 from .config import DEFAULT_DATABASE_URL, redact_url
-from .decode import TILE_SIZE, sniff_format
+from harvester.decode import TILE_SIZE, sniff_format
 from .errors import DataError
 
 log = logging.getLogger(__name__)

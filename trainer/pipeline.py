@@ -6,7 +6,7 @@ one block of shared memory of ``slots`` slots, each holding the decoded images, 
 :data:`CHUNK_ROWS` samples. Both live as long as the stream, not one epoch. The consumer's process sends each worker,
 over its own pipe, tasks ``(generation, chunk index, slot, ids)``; the worker reads those rows from PostgreSQL over its
 own asyncpg connection (``WHERE sample_id = ANY($1)`` on the ``dataset`` view, only the columns decoded), decodes
-them (:mod:`trainer.decode`) straight into the slot, derives each row's border/gap target
+them (:mod:`harvester.decode`) straight into the slot, derives each row's border/gap target
 (:func:`trainer.instances.border_target`, from ``instances`` where the row has them, else from the mask), and answers with the chunk's zooms and, for each row it could not
 decode, the reason. Fetching and decoding thus run outside the consumer's GIL; what crosses the pipes is a few hundred
 bytes a chunk, and the pixels are copied once, from the slot into the batch handed to the consumer.
@@ -41,7 +41,7 @@ import asyncpg
 import numpy as np
 
 from .config import redact_url
-from .decode import TILE_SIZE, DecodeError, decode_image, decode_instances, decode_mask
+from harvester.decode import TILE_SIZE, DecodeError, decode_image, decode_instances, decode_mask
 from .errors import DataError
 from .instances import border_target
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from .. import db
 from ..config import Settings, add_setting_flags
-from ..rasterize import decode_mask_png, encode_instances_png
+from ..decode import decode_mask
+from ..rasterize import encode_instances_png
 from ..sql import queries
 from ..store import load_buildings
 from ..tiles import Tile
@@ -52,7 +53,7 @@ async def rebuild_instances(dsn: str, *, batch_size: int = 500) -> dict[str, int
                 if r["area_id"] not in footprints:
                     footprints[r["area_id"]] = await load_buildings(conn, r["area_id"])
                 instances = tile_labels(footprints[r["area_id"]], Tile(r["tile_x"], r["tile_y"], r["zoom"])).instances
-                if not np.array_equal(instances != 0, decode_mask_png(r["mask"]).astype(bool)):
+                if not np.array_equal(instances != 0, decode_mask(r["mask"]).astype(bool)):
                     log.warning("sample %d: its stored footprints no longer give its mask; instances left NULL",
                                 r["sample_id"])
                     counts["mismatched"] += 1

@@ -19,7 +19,7 @@ from shapely.geometry import box, mapping, shape
 
 from bench.harvest_kampala import PROVIDER, apply_block_splits, harvest_kampala, plan, summarize
 from harvester.imagery import sniff_format
-from harvester.rasterize import decode_mask_png
+from harvester.decode import decode_mask
 from harvester.splits import split_for
 from harvester.tiles import Tile, lonlat_bounds
 from tests.fakes.file_tiles import FileTileServer, scan_folder
@@ -27,7 +27,7 @@ from tests.fakes.world import World
 from tests.integration.harvest_checks import check_database
 from trainer.data import SampleStream
 from trainer.datasets import kampala_rows
-from trainer.decode import decode_image
+from harvester.decode import decode_image
 
 ZOOM_COUNTS = {"19": 7, "20": 28, "21": 112}  # shared/data/README.md
 
@@ -96,7 +96,7 @@ def test_kampala_through_the_harvester(kampala, migrated_database_url, tmp_path)
         assert r["image"] == data, f"{files[key].name}: stored image differs from the file (re-encoded?)"
         assert r["image_format"] == sniff_format(data)
         assert r["building_count"] == direct[key].building_count, key
-        differ = int((decode_mask_png(r["mask"]) != decode_mask_png(direct[key].mask_png)).sum())
+        differ = int((decode_mask(r["mask"]) != decode_mask(direct[key].mask_png)).sum())
         if differ:
             assert fold.intersects(box(*lonlat_bounds(Tile(key[1], key[2], key[0])))), key
             folded_pixels += differ
@@ -121,7 +121,7 @@ def test_kampala_through_the_harvester(kampala, migrated_database_url, tmp_path)
                 seen[str(int(batch.zooms[i]))] += 1
                 assert int(batch.zooms[i]) == r["zoom"]
                 assert np.array_equal(batch.images[i], decode_image(r["image"]))
-                assert np.array_equal(batch.masks[i], decode_mask_png(r["mask"]))
+                assert np.array_equal(batch.masks[i], decode_mask(r["mask"]))
         assert stream.skipped == 0
     assert dict(seen) == ZOOM_COUNTS
 

@@ -9,9 +9,10 @@ import numpy as np
 import shapely
 from PIL import Image
 
-from harvester.rasterize import decode_mask_png, rasterize
+from harvester.decode import decode_mask
+from harvester.rasterize import rasterize
 from harvester.tiles import Tile, lonlat_bounds, pixel_grid, to_mercator
-from trainer.decode import decode_instances
+from harvester.decode import decode_instances
 
 
 async def check_database(url: str, world=None, *, max_attempts: int = 5) -> dict[str, int]:
@@ -52,7 +53,7 @@ async def check_database(url: str, world=None, *, max_attempts: int = 5) -> dict
             with Image.open(io.BytesIO(r["image"])) as img:
                 rgb = np.asarray(img.convert("RGB"))
             assert rgb.shape == (256, 256, 3)
-            mask = decode_mask_png(r["mask"])
+            mask = decode_mask(r["mask"])
             assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 1}
             assert int(mask.sum()) == r["building_pixels"]
             if r["area_id"] not in footprints:

@@ -38,7 +38,7 @@ from harvester.config import load_settings
 from harvester.http import Upstream
 from harvester.labels.osm import building_query, parse_buildings
 from harvester.labels.overpass import OverpassClient
-from harvester.rasterize import decode_mask_png
+from harvester.decode import decode_mask
 from harvester.run import harvest
 from harvester.tiles import Tile, lonlat_bounds
 from tests.databases import TempDatabase
@@ -326,7 +326,7 @@ def _check_areas(run: Run, world: World) -> None:
                 sample = run.samples.get(job["job_id"])
                 if sample is not None:
                     z, x, y = job["zoom"], job["tile_x"], job["tile_y"]
-                    assert np.array_equal(decode_mask_png(sample["mask"]), world.expected_mask(z, x, y)), (z, x, y)
+                    assert np.array_equal(decode_mask(sample["mask"]), world.expected_mask(z, x, y)), (z, x, y)
                     assert sample["building_count"] == world.building_count(z, x, y)
 
 

@@ -16,7 +16,7 @@ from tests.conftest import SHARED_DATA
 from tests.databases import TempDatabase
 from trainer import datasets
 from trainer.data import SampleStream
-from trainer.decode import decode_image, decode_mask
+from harvester.decode import decode_image, decode_mask
 
 
 async def _fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:

@@ -12,7 +12,7 @@ import asyncpg
 import numpy as np
 import pytest
 
-from harvester.rasterize import decode_mask_png
+from harvester.decode import decode_mask
 from tests.databases import TempDatabase, fetch
 from tests.fakes.pbf import REPLICATION_SEQUENCE, objects_in, write_extract
 from tests.fakes.servers import FakeUpstreams
@@ -68,7 +68,7 @@ def _labels(url: str) -> tuple[dict, dict, set]:
         ids.setdefault((r["zoom"], r["tile_x"], r["tile_y"]), set())
         if r["osm_id"] is not None:
             ids[(r["zoom"], r["tile_x"], r["tile_y"])].add((r["osm_type"], r["osm_id"]))
-    masks = {(r["zoom"], r["tile_x"], r["tile_y"]): decode_mask_png(r["mask"])
+    masks = {(r["zoom"], r["tile_x"], r["tile_y"]): decode_mask(r["mask"])
              for r in fetch(url, "SELECT zoom, tile_x, tile_y, mask FROM dataset")}
     sources = {r["source"] for r in fetch(url, "SELECT DISTINCT source FROM buildings")}
     return ids, masks, sources

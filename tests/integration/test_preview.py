@@ -18,7 +18,7 @@ from harvester.overlay import OUTLINE_COLOUR
 from harvester.preview import CAPTION, GAP, HEADER, MARGIN
 from tests.databases import fetch
 from tests.integration.test_train import insert_synthetic_world
-from trainer.decode import decode_image, decode_mask
+from harvester.decode import decode_image, decode_mask
 
 ZOOMS = (17, 18, 19)
 SPLITS = {"train": 24, "val": 6, "test": 6}  # 36 samples, 12 per zoom

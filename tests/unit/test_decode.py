@@ -1,4 +1,4 @@
-"""trainer.decode: tiles of any format and mode to RGB uint8, mask PNGs to 0/1, and every failure a DecodeError."""
+"""harvester.decode: tiles of any format and mode to RGB uint8, mask PNGs to 0/1, and every failure a DecodeError."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from trainer.decode import DecodeError, decode_image, decode_mask, sniff_format
-from trainer.errors import DataError
+from harvester.decode import DecodeError, decode_image, decode_mask, sniff_format
 
 RNG = np.random.default_rng(7)
 RGB = np.asarray(Image.fromarray(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)).resize((256, 256)))
@@ -79,7 +78,7 @@ def test_format_is_read_from_the_bytes():
 def test_bad_images_raise_decode_error(name, data):
     with pytest.raises(DecodeError) as caught:
         decode_image(data)
-    assert isinstance(caught.value, DataError)
+    assert isinstance(caught.value, ValueError)  # the harvester's and the trainer's callers catch it by name
     assert str(caught.value)
 
 
@@ -169,7 +168,7 @@ def test_damaged_real_encodings_decode_or_raise_decode_error(cut, flip):
 
 def test_instances_png_round_trips_through_the_trainers_decoder():
     from harvester.rasterize import encode_instances_png, encode_mask_png
-    from trainer.decode import decode_instances
+    from harvester.decode import decode_instances
 
     instances = np.zeros((256, 256), np.uint16)
     instances[10:40, 10:40] = 1

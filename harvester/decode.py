@@ -1,5 +1,6 @@
 """Decoding of stored samples: tile images (JPEG, PNG, WebP) to RGB ``uint8``, mask PNGs to 0/1 ``uint8`` and
-instance PNGs to ``uint16``.
+instance PNGs to ``uint16``. The one reader of the data set's columns: the trainer's input pipeline, ``harvester
+preview``, ``export`` and ``rebuild-instances`` all decode through it.
 
 Pure functions without I/O, safe to call from several threads at once. JPEG goes through simplejpeg
 (libjpeg-turbo, releases the GIL), PNG and WebP through Pillow (whose decoders release the GIL too).
@@ -20,12 +21,10 @@ import simplejpeg
 from PIL import Image
 
 # One home for the format rule, the tile size and Pillow's process-wide pixel limit (set by harvester.imagery).
-from harvester.imagery import PILLOW_FORMATS, TILE_SIZE, sniff_format
-
-from .errors import DataError
+from .imagery import PILLOW_FORMATS, TILE_SIZE, sniff_format
 
 
-class DecodeError(DataError):
+class DecodeError(ValueError):
     """Bytes that are not a decodable image or mask of the expected size. The message says which and why."""
 
 
