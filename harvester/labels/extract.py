@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import json
 import logging
 import queue
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -104,10 +106,11 @@ async def import_extract(dsn: str, path: Path, *, node_cache: str | None = None)
         async with conn.transaction():
             await conn.execute(sql["lock"])
             await conn.execute(sql["create_next"])
-            async for records in _in_thread(_records(footprint_batches(path, tally, node_cache=node_cache))):
-                await conn.copy_records_to_table("osm_buildings_next", records=records, columns=_COLUMNS)
-                kept += len(records)
-                log.debug("import: %d footprints copied", kept)
+            with _collector_paused():
+                async for records in _in_thread(_records(footprint_batches(path, tally, node_cache=node_cache))):
+                    await conn.copy_records_to_table("osm_buildings_next", records=records, columns=_COLUMNS)
+                    kept += len(records)
+                    log.debug("import: %d footprints copied", kept)
             if kept == 0:  # rolls back: an extract without buildings must not replace one with them
                 raise InputFileError(f"{path}: no building footprints in this extract; the previous import is "
                                      "unchanged")
@@ -122,6 +125,25 @@ async def import_extract(dsn: str, path: Path, *, node_cache: str | None = None)
     finally:
         await conn.close()
     return ImportResult(extract_id, path.name, kept, dict(tally), repaired, time.monotonic() - clock)
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """CPython's cyclic garbage collector off while the file is read and copied.
+
+    The reading keeps millions of container objects alive (the relations and their members, each batch's tags and
+    footprints), and every full collection walks all of them: on a million footprints the collections took 14 s of
+    a 38 s import and found 10 objects in cycles (none of the reading's objects form cycles; reference counting
+    frees them), so memory stays what it was. Collected once at the end.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.collect()
 
 
 def _records(batches: Iterator[list[Footprint]]) -> Iterator[list[tuple]]:
