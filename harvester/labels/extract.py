@@ -156,7 +156,15 @@ def _records(batches: Iterator[list[Footprint]]) -> Iterator[list[tuple]]:
         ewkb[single] = [_ONE_PART_MULTIPOLYGON + w for w in shapely.to_wkb(geoms[single], byte_order=1)]
         ewkb[~single] = shapely.to_wkb(shapely.set_srid(geoms[~single], 4326), byte_order=1, include_srid=True,
                                        flavor="extended")
-        yield [(f.osm_type, f.osm_id, g, json.dumps(f.tags)) for f, g in zip(batch, ewkb)]
+        texts: dict[tuple, str] = {}  # JSON of each set of tags met in the batch: ways repeat a few, e.g. building=yes
+        rows = []
+        for f, g in zip(batch, ewkb):
+            key = tuple(f.tags.items())
+            text = texts.get(key)
+            if text is None:
+                text = texts[key] = json.dumps(f.tags)
+            rows.append((f.osm_type, f.osm_id, g, text))
+        yield rows
 
 
 async def _in_thread(items: Iterator[list[tuple]], depth: int = 2):
