@@ -38,6 +38,7 @@ BATCH = 20_000  # footprints per batch handed to the database
 #: The tags stored with a way's footprint. Reading every tag of every way costs pyosmium ~10 us a way (a third of
 #: the import); these are the ones a data set uses. Relations (few) keep all their tags, as Overpass gives them.
 WAY_TAGS = ("building", "building:levels", "height")
+_RULE_RELATION_TAGS = ("building", "type")  # the tags :func:`.osm.skip_reason` reads
 _MORE_WAY_TAGS = WAY_TAGS[1:]  # "building" is read first, to decide whether the way is a footprint
 
 
@@ -151,11 +152,13 @@ def _building_relations(path: Path, tally: Counter[str]
     relations, wanted = [], set()
     processor = osmium.FileProcessor(_file(path), osmium.osm.RELATION).with_filter(osmium.filter.KeyFilter("building"))
     for relation in processor:
-        tags = {tag.k: tag.v for tag in relation.tags}
-        reason = skip_reason("relation", tags)
+        # The rule's two tags first: all the tags (a Python object each) only of the relations kept.
+        reason = skip_reason("relation", {key: value for key in _RULE_RELATION_TAGS
+                                          if (value := relation.tags.get(key)) is not None})
         if reason is not None:
             tally[reason] += 1
             continue
+        tags = {tag.k: tag.v for tag in relation.tags}
         refs = [(m.role, m.ref) for m in relation.members if m.type == "w"]  # nodes and sub-relations: not rings
         wanted.update(ref for _, ref in refs)
         relations.append((relation.id, tags, refs))
