@@ -6,7 +6,8 @@ pyosmium (libosmium: https://osmcode.org/pyosmium/) reads the file twice, decodi
 2. nodes and ways, with every node's location kept in an index (``node_cache``: a sparse array in a temporary file by
    default, 16 bytes per node, so memory stays flat on a national extract). Nodes stay in C++ (they are never
    footprints); each way tagged ``building`` goes through :func:`.osm.way_ring` and :func:`.osm.way_footprints`, and
-   each member way keeps its coordinates for :func:`.osm.relation_geometry`, which assembles the relations at the end.
+   each member way keeps its coordinates for :func:`.osm.relation_geometry`, which assembles the relations at the end,
+   a batch at a time.
 
 The rule is the one the Overpass path applies to its answers (same functions, same drop reasons): holes and several
 outers kept, invalid rings repaired with ``shapely.make_valid``, unclosed ways and dangling members dropped and
