@@ -233,16 +233,18 @@ def relation_geometry(members: Sequence[tuple[object, Coords | None]], dropped: 
     if not outers:
         dropped["relation_no_outer_ring"] += 1
         return None
-    outer_polygons = [Polygon(ring) for ring in outers]
-    holes: list[list[Coords]] = [[] for _ in outers]
-    areas = shapely.area(outer_polygons)
-    for ring in inners:
-        owner = _owner_of_inner(ring, outer_polygons, areas)
-        if owner is None:
-            dropped["relation_inner_outside_outers"] += 1
-        else:
-            holes[owner].append(ring)
-    polygons = [Polygon(ring, rings) for ring, rings in zip(outers, holes)]
+    polygons = [Polygon(ring) for ring in outers]
+    if inners:
+        holes: list[list[Coords]] = [[] for _ in outers]
+        areas = shapely.area(polygons)
+        for ring in inners:
+            owner = _owner_of_inner(ring, polygons, areas)
+            if owner is None:
+                dropped["relation_inner_outside_outers"] += 1
+            else:
+                holes[owner].append(ring)
+        # An outer without holes is the polygon already built for the owner test.
+        polygons = [Polygon(ring, rings) if rings else polygon for ring, rings, polygon in zip(outers, holes, polygons)]
     geometry = polygons[0] if len(polygons) == 1 else MultiPolygon(polygons)
     return _valid_polygonal(geometry, dropped, "relation")
 
@@ -267,8 +269,12 @@ def _assemble_rings(lines: list[Coords], dropped: Counter[str]) -> list[Coords]:
     A ring closes as soon as its end meets its start. What cannot be closed (a dangling chain) is dropped and its
     ways counted; a ring of fewer than 4 points is counted as degenerate.
     """
-    rings = [c for c in lines if _is_closed(c)]
-    open_lines = [c for c in lines if not _is_closed(c)]
+    rings: list[Coords] = []
+    open_lines: list[Coords] = []
+    for c in lines:
+        (rings if _is_closed(c) else open_lines).append(c)
+    if not open_lines:  # every member a closed ring already (the common case): nothing to join
+        return _not_degenerate(rings, dropped)
     by_end: dict[tuple[float, float], list[int]] = {}
     for i, c in enumerate(open_lines):
         for end in (tuple(c[0]), tuple(c[-1])):
@@ -293,6 +299,11 @@ def _assemble_rings(lines: list[Coords], dropped: Counter[str]) -> list[Coords]:
             rings.append(np.concatenate(chain))
         else:
             dropped["relation_member_dangling"] += members
+    return _not_degenerate(rings, dropped)
+
+
+def _not_degenerate(rings: list[Coords], dropped: Counter[str]) -> list[Coords]:
+    """The rings of 4 points or more; the others counted."""
     kept = [r for r in rings if len(r) >= 4]
     if len(kept) < len(rings):
         dropped["relation_ring_degenerate"] += len(rings) - len(kept)

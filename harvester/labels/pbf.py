@@ -6,7 +6,8 @@ pyosmium (libosmium: https://osmcode.org/pyosmium/) reads the file twice, decodi
 2. nodes and ways, with every node's location kept in an index (``node_cache``: a sparse array in a temporary file by
    default, 16 bytes per node, so memory stays flat on a national extract). Nodes stay in C++ (they are never
    footprints); each way tagged ``building`` goes through :func:`.osm.way_ring` and :func:`.osm.way_footprints`, and
-   each member way keeps its coordinates for :func:`.osm.relation_geometry`, which assembles the relations at the end.
+   each member way keeps its coordinates for :func:`.osm.relation_geometry`, which assembles the relations at the end,
+   a batch at a time.
 
 The rule is the one the Overpass path applies to its answers (same functions, same drop reasons): holes and several
 outers kept, invalid rings repaired with ``shapely.make_valid``, unclosed ways and dangling members dropped and
@@ -38,6 +39,8 @@ BATCH = 20_000  # footprints per batch handed to the database
 #: The tags stored with a way's footprint. Reading every tag of every way costs pyosmium ~10 us a way (a third of
 #: the import); these are the ones a data set uses. Relations (few) keep all their tags, as Overpass gives them.
 WAY_TAGS = ("building", "building:levels", "height")
+_RULE_RELATION_TAGS = ("building", "type")  # the tags :func:`.osm.skip_reason` reads
+_MORE_WAY_TAGS = WAY_TAGS[1:]  # "building" is read first, to decide whether the way is a footprint
 
 
 class ExtractHeader(NamedTuple):
@@ -108,18 +111,21 @@ def footprint_batches(path: Path, tally: Counter[str], *, node_cache: str | None
                 .with_locations(storage).with_filter(osmium.filter.EntityFilter(osmium.osm.WAY))
             factory = osmium.geom.WKBFactory()
             for way in processor:
-                way_tags = way.tags
+                way_id, way_tags = way.id, way.tags
                 building = way_tags.get("building")
-                if way.id in wanted:
-                    members[way.id] = _linestring(factory, way)
+                if way_id in wanted:
+                    members[way_id] = _linestring(factory, way)
                 if building is None:
                     continue
-                reason = skip_reason("way", {"building": building})
+                tags = {"building": building}
+                reason = skip_reason("way", tags)
                 if reason is not None:
                     tally[reason] += 1
                     continue
-                tags = {key: value for key in WAY_TAGS if (value := way_tags.get(key)) is not None}
-                pending.append((way.id, tags, _linestring(factory, way)))
+                for key in _MORE_WAY_TAGS:
+                    if (value := way_tags.get(key)) is not None:
+                        tags[key] = value
+                pending.append((way_id, tags, _linestring(factory, way)))
                 if len(pending) >= batch:
                     yield _ways(pending, tally)
                     pending = []
@@ -127,14 +133,18 @@ def footprint_batches(path: Path, tally: Counter[str], *, node_cache: str | None
                 yield _ways(pending, tally)
     except RuntimeError as exc:  # what libosmium raises on a truncated or corrupt block
         raise unreadable(path, exc) from None
-    coords = dict(zip(members, _coords(list(members.values()))))
-    footprints = []
-    for osm_id, tags, refs in relations:
-        geometry = relation_geometry([(role, coords.get(ref)) for role, ref in refs], tally)
-        if geometry is not None:
-            footprints.append(Footprint("relation", osm_id, geometry, tags))
-    for start in range(0, len(footprints), batch):
-        yield footprints[start:start + batch]
+    # Assembled and handed on a batch at a time (a member way may serve several relations: all are kept until the end).
+    for start in range(0, len(relations), batch):
+        chunk = relations[start:start + batch]
+        refs = {ref for _, _, members_of in chunk for _, ref in members_of}
+        coords = dict(zip(refs, _coords([members.get(ref) for ref in refs])))
+        footprints = []
+        for osm_id, tags, members_of in chunk:
+            geometry = relation_geometry([(role, coords.get(ref)) for role, ref in members_of], tally)
+            if geometry is not None:
+                footprints.append(Footprint("relation", osm_id, geometry, tags))
+        if footprints:
+            yield footprints
 
 
 def _building_relations(path: Path, tally: Counter[str]
@@ -143,11 +153,13 @@ def _building_relations(path: Path, tally: Counter[str]
     relations, wanted = [], set()
     processor = osmium.FileProcessor(_file(path), osmium.osm.RELATION).with_filter(osmium.filter.KeyFilter("building"))
     for relation in processor:
-        tags = {tag.k: tag.v for tag in relation.tags}
-        reason = skip_reason("relation", tags)
+        # The rule's two tags first: all the tags (a Python object each) only of the relations kept.
+        reason = skip_reason("relation", {key: value for key in _RULE_RELATION_TAGS
+                                          if (value := relation.tags.get(key)) is not None})
         if reason is not None:
             tally[reason] += 1
             continue
+        tags = {tag.k: tag.v for tag in relation.tags}
         refs = [(m.role, m.ref) for m in relation.members if m.type == "w"]  # nodes and sub-relations: not rings
         wanted.update(ref for _, ref in refs)
         relations.append((relation.id, tags, refs))
