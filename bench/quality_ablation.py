@@ -46,6 +46,9 @@ ROWS = [
      ["--tta"]),  # 6
     ("split + residual + border output (BCE, prior bias)", "new", ["--borders", "--border-dice-weight", "0",
                                                                    "--residual", "--separation-weight", "0"], []),  # 7
+    ("split + residual blocks + zoom augmentation up to 1.5x", "new", ["--no-borders", "--residual",
+                                                                       "--separation-weight", "0", "--zoom-augment",
+                                                                       "1.5"], []),  # 8
 ]
 
 

@@ -45,22 +45,41 @@ def color_jitter(image: jax.Array, key: jax.Array) -> jax.Array:
     return jnp.clip((image - mean) * factor + mean + delta, 0.0, 1.0)
 
 
-def augment_batch(key: jax.Array, images: jax.Array, masks: jax.Array, *planes: jax.Array) -> tuple[jax.Array, ...]:
+def zoom_crop(key: jax.Array, stacked: jax.Array, max_zoom: float) -> jax.Array:
+    """A random square window of ``stacked`` float [H, H, C], of side H / z with z drawn from U(1, ``max_zoom``),
+    enlarged back to H x H (bilinear): the same ground seen at a finer resolution, as a higher zoom level or another
+    provider's ground sampling distance would show it. Channels move together, so image and targets stay aligned
+    (the targets come back fractional at edges: threshold them)."""
+    k_zoom, k_top, k_left = jax.random.split(key, 3)
+    size = stacked.shape[0]
+    zoom = jax.random.uniform(k_zoom, (), minval=1.0, maxval=max_zoom)
+    free = size - size / zoom  # room for the window's corner
+    top = jax.random.uniform(k_top, (), maxval=free)
+    left = jax.random.uniform(k_left, (), maxval=free)
+    # output pixel x samples the input at x / zoom + offset
+    return jax.image.scale_and_translate(stacked, stacked.shape, (0, 1), jnp.stack([zoom, zoom]),
+                                         jnp.stack([-top * zoom, -left * zoom]), method="linear", antialias=False)
+
+
+def augment_batch(key: jax.Array, images: jax.Array, masks: jax.Array, *planes: jax.Array, max_zoom: float = 1.0
+                  ) -> tuple[jax.Array, ...]:
     """``images`` uint8 [B, H, W, 3], ``masks`` [B, H, W] (and other per-pixel targets ``planes``, e.g. the borders,
     [B, H, W] each), all uint8 -> ``(images, masks, *planes)`` augmented, one draw per sample: the images float32 in
-    [0, 1], the targets float32 {0, 1}.
+    [0, 1], the targets float32 {0, 1}. ``max_zoom`` > 1 adds :func:`zoom_crop` (targets re-thresholded at 0.5).
 
     The symmetry moves the uint8 arrays (vmapped, ``lax.switch`` computes all 8 branches and selects: a quarter of
     the bytes of doing it in float32); the colour jitter runs on the float image after it.
     """
     def one(sample_key, image, *targets):
-        k_dihedral, k_color = jax.random.split(sample_key)
+        k_dihedral, k_color = jax.random.split(sample_key)  # as before zoom_augment: the same default draws
         k = jax.random.randint(k_dihedral, (), 0, NUM_DIHEDRAL)
         # transform image and targets as one array: they cannot drift apart
         stacked = dihedral(jnp.concatenate([image, *(t[..., None].astype(image.dtype) for t in targets)], axis=-1), k)
-        out = stacked[..., 3:].astype(jnp.float32)
-        return (color_jitter(stacked[..., :3].astype(jnp.float32) / 255.0, k_color),
-                *(out[..., i] for i in range(len(targets))))
+        stacked = stacked.astype(jnp.float32)
+        if max_zoom > 1.0:
+            stacked = zoom_crop(jax.random.fold_in(sample_key, 1), stacked, max_zoom)
+            stacked = stacked.at[..., 3:].set((stacked[..., 3:] >= 0.5).astype(jnp.float32))
+        return (color_jitter(stacked[..., :3] / 255.0, k_color), *(stacked[..., 3 + i] for i in range(len(targets))))
 
     keys = jax.random.split(key, images.shape[0])
     return jax.vmap(one)(keys, images, masks, *planes)

@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                        help="activation dtype (default auto: bfloat16 on GPU, float32 on CPU)")
     train.add_argument("--no-augment", dest="augment", action="store_false", help="no flips/rotations/jitter")
+    train.add_argument("--zoom-augment", type=float, default=1.0, metavar="MAX",
+                       help="also enlarge a random window of each sample by up to MAX (e.g. 1.5; default 1 = off)")
     defaults = TRAIN_DEFAULTS
     train.add_argument("--borders", action=argparse.BooleanOptionalAction, default=defaults.borders,
                        help="second output: borders/gaps between buildings, used to split touching buildings "
@@ -214,7 +216,8 @@ def _train(args: argparse.Namespace) -> int:
         database_url=url, zooms=args.zooms, steps=args.steps, epochs=epochs,
         batch_size=resolve_batch_size(args.batch_size, args.base_filters), base_filters=args.base_filters, depth=args.depth, learning_rate=args.lr,
         seed=args.seed, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-        compute_dtype=args.compute_dtype, augment=args.augment, decode_workers=args.decode_workers,
+        compute_dtype=args.compute_dtype, augment=args.augment, zoom_augment=args.zoom_augment,
+        decode_workers=args.decode_workers,
         borders=args.borders, border_weight=args.border_weight, border_dice_weight=args.border_dice_weight,
         separation_weight=args.separation_weight,
         residual=args.residual,

@@ -104,6 +104,7 @@ class StepSpec(NamedTuple):
     compute_dtype: str
     seed: int
     augment: bool
+    zoom_augment: float
     dice_weight: float
     borders: bool
     border_weight: float
@@ -140,6 +141,7 @@ def compiled_functions(spec: StepSpec, mesh: Mesh) -> tuple[optax.GradientTransf
 
     step = jax.jit(
         functools.partial(train_step, graphdef=graphdef, tx=tx, seed=spec.seed, augment=spec.augment,
+                          zoom_augment=spec.zoom_augment,
                           loss_options=dict(dice_weight=spec.dice_weight, border_weight=spec.border_weight,
                                             border_dice_weight=spec.border_dice_weight,
                                             separation_weight=spec.separation_weight)),
@@ -173,13 +175,13 @@ def abstract_train_state(base_filters: int, depth: int, compute_dtype: str, tx: 
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, seed: int, augment: bool, loss_options: dict
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, seed: int, augment: bool, loss_options: dict,
+               zoom_augment: float = 1.0) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on ``batch`` (``images``, ``masks``, ``borders`` uint8, ``valid`` bool). Pure; jit it.
     ``loss_options``: keyword arguments of :func:`trainer.losses.segmentation_loss`."""
     if augment:
         images, masks, borders = augment_batch(jax.random.fold_in(prng_key(seed), state.step), batch["images"],
-                                               batch["masks"], batch["borders"])
+                                               batch["masks"], batch["borders"], max_zoom=zoom_augment)
     else:
         images = batch["images"].astype(jnp.float32) / 255.0
         masks = batch["masks"].astype(jnp.float32)

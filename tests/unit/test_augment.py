@@ -5,8 +5,9 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from trainer.augment import NUM_DIHEDRAL, augment_batch, color_jitter, dihedral
+from trainer.augment import NUM_DIHEDRAL, augment_batch, color_jitter, dihedral, zoom_crop
 
 _dihedral = jax.jit(dihedral)
 
@@ -81,3 +82,42 @@ def test_color_jitter_is_light():
     image = jnp.full((8, 8, 3), 0.5)
     out = np.asarray(jax.jit(color_jitter)(image, jax.random.key(0, impl="rbg")))
     assert np.abs(out - 0.5).max() <= 0.1 + 1e-6  # a flat image only gets the brightness shift
+
+
+@pytest.mark.parametrize("max_zoom", [1.5, 3.0])
+def test_zoom_crop_enlarges_a_window_inside_the_tile(max_zoom):
+    """A ramp (value = column index, and row index in a second channel) zoomed: bilinear interpolation of a ramp is
+    exact, so the result is a ramp again, its slope 1/z with z in [1, max_zoom], the same on both axes, its values
+    a window of the original (inside it)."""
+    size = 64
+    rows, cols = np.mgrid[:size, :size].astype(np.float32)
+    ramp = jnp.asarray(np.stack([cols, rows], axis=-1))
+    slopes = []
+    for seed in range(12):
+        out = np.asarray(jax.jit(zoom_crop, static_argnums=2)(jax.random.key(seed, impl="rbg"), ramp, max_zoom))
+        inner = out[4:-4, 4:-4]
+        col_slope = np.diff(inner[..., 0], axis=1)
+        row_slope = np.diff(inner[..., 1], axis=0)
+        np.testing.assert_allclose(col_slope, col_slope.mean(), atol=1e-3)  # a ramp again
+        np.testing.assert_allclose(row_slope.mean(), col_slope.mean(), rtol=1e-4)  # square: one zoom for both axes
+        assert 1 / max_zoom - 1e-4 <= col_slope.mean() <= 1 + 1e-4
+        assert out.min() >= -0.5 and out.max() <= size - 0.5  # sampled inside the tile
+        slopes.append(col_slope.mean())
+    assert max(slopes) - min(slopes) > 0.05  # the zoom is drawn per call
+
+
+def test_zoomed_image_and_mask_stay_aligned():
+    rng = np.random.default_rng(1)
+    blocks = rng.random((16, 8, 8)) > 0.6
+    masks = np.kron(blocks, np.ones((4, 4))).astype(np.uint8)  # 32 x 32, buildings of 4 x 4 pixels or more
+    images = np.repeat((50 + 150 * masks)[..., None], 3, axis=-1).astype(np.uint8)
+    out_images, out_masks = jax.jit(augment_batch, static_argnames="max_zoom")(
+        jax.random.key(5, impl="rbg"), jnp.asarray(images), jnp.asarray(masks), max_zoom=2.0)
+    out_images, out_masks = np.asarray(out_images), np.asarray(out_masks)
+    assert set(np.unique(out_masks)) <= {0.0, 1.0}
+    for image, mask in zip(out_images, out_masks):
+        if mask.min() == mask.max():
+            continue  # the window fell on one class only
+        threshold = (image[..., 0].max() + image[..., 0].min()) / 2  # both interpolated alike, jitter monotonic
+        np.testing.assert_array_equal(image[..., 0] > threshold, mask > 0)
+    assert (out_masks.mean(axis=(1, 2)) != masks.mean(axis=(1, 2))).sum() >= 8  # zoomed windows, not the tiles
