@@ -207,10 +207,12 @@ class SampleStream:
                 if planned is None:
                     return
                 epoch, ids, last = planned
-                if ids is not None:
-                    pool.submit(sent, ids)  # a slot is free: every chunk before `in_flight` was released
-                in_flight.append((sent if ids is not None else None, epoch, last))
-                sent += ids is not None
+                if ids is None:  # an empty epoch: let it end (or raise) before planning further
+                    in_flight.append((None, epoch, last))
+                    return
+                pool.submit(sent, ids)  # a slot is free: every chunk before `in_flight` was released
+                in_flight.append((sent, epoch, last))
+                sent += 1
 
         current, assembler, yielded = None, BatchAssembler(self.batch_size), 0
         while True:

@@ -236,6 +236,8 @@ def test_empty_selection_yields_nothing(stored):
     with SampleStream(stored.url, "train", [5], 4, pad_last=True) as stream:
         assert len(stream) == 0 and stream.num_batches() == 0
         assert list(stream.epoch(0)) == []
+        with pytest.raises(DataError, match="epoch 0 of split 'train' yielded no batch"):
+            next(stream.batches(0))  # the endless stream says so instead of waiting forever
 
 
 async def _insert_bad_rows(url: str) -> set[int]:
