@@ -46,7 +46,7 @@ ROWS = [
      ["--tta"]),  # 6
     ("split + residual + border output (BCE, prior bias)", "new", ["--borders", "--border-dice-weight", "0",
                                                                    "--residual", "--separation-weight", "0"], []),  # 7
-    ("split + residual blocks + zoom augmentation up to 1.5x", "new", ["--no-borders", "--residual",
+    ("split + residual blocks + scale augmentation 1/1.5-1.5x", "new", ["--no-borders", "--residual",
                                                                        "--separation-weight", "0", "--zoom-augment",
                                                                        "1.5"], []),  # 8
 ]

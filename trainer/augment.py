@@ -12,6 +12,8 @@ augmentation, ``--tta`` of ``evaluate`` and ``predict``) uses the same 8 symmetr
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -46,19 +48,28 @@ def color_jitter(image: jax.Array, key: jax.Array) -> jax.Array:
 
 
 def zoom_crop(key: jax.Array, stacked: jax.Array, max_zoom: float) -> jax.Array:
-    """A random square window of ``stacked`` float [H, H, C], of side H / z with z drawn from U(1, ``max_zoom``),
-    enlarged back to H x H (bilinear): the same ground seen at a finer resolution, as a higher zoom level or another
-    provider's ground sampling distance would show it. Channels move together, so image and targets stay aligned
-    (the targets come back fractional at edges: threshold them)."""
+    """``stacked`` float [H, H, C] seen at a scale z drawn log-uniformly from [1 / ``max_zoom``, ``max_zoom``]: a
+    random square window of side H / z resampled to H x H (bilinear; antialiased when it shrinks). z > 1 enlarges a
+    window inside the tile, z < 1 shrinks a window larger than the tile, its margin the tile mirrored at its edges
+    (``max_zoom`` <= 2: one mirror image each side). Both ways, so that buildings are shown bigger and smaller than
+    the tiles show them, never biased one way (enlarging alone made a model over-predict: README, ablation).
+    Channels move together, so image and targets stay aligned (the targets come back fractional: threshold them)."""
+    if not 1.0 <= max_zoom <= 2.0:
+        raise ValueError(f"max_zoom must be in [1, 2], got {max_zoom}")
     k_zoom, k_top, k_left = jax.random.split(key, 3)
     size = stacked.shape[0]
-    zoom = jax.random.uniform(k_zoom, (), minval=1.0, maxval=max_zoom)
-    free = size - size / zoom  # room for the window's corner
-    top = jax.random.uniform(k_top, (), maxval=free)
-    left = jax.random.uniform(k_left, (), maxval=free)
-    # output pixel x samples the input at x / zoom + offset
-    return jax.image.scale_and_translate(stacked, stacked.shape, (0, 1), jnp.stack([zoom, zoom]),
-                                         jnp.stack([-top * zoom, -left * zoom]), method="linear", antialias=False)
+    log_max = math.log(max_zoom)
+    zoom = jnp.exp(jax.random.uniform(k_zoom, (), minval=-log_max, maxval=log_max))
+    window = size / zoom
+    pad = math.ceil(size * (max_zoom - 1.0))  # the most a shrunk window sticks out on one side
+    padded = jnp.pad(stacked, ((pad, pad), (pad, pad), (0, 0)), mode="reflect") if pad else stacked
+    low, high = jnp.minimum(0.0, size - window), jnp.maximum(0.0, size - window)  # the window's corner, tile coords
+    top = pad + low + jax.random.uniform(k_top, ()) * (high - low)
+    left = pad + low + jax.random.uniform(k_left, ()) * (high - low)
+    # output pixel x samples the padded input at x / zoom + corner
+    out = jax.image.scale_and_translate(padded, stacked.shape, (0, 1), jnp.stack([zoom, zoom]),
+                                        jnp.stack([-top * zoom, -left * zoom]), method="linear", antialias=True)
+    return out
 
 
 def augment_batch(key: jax.Array, images: jax.Array, masks: jax.Array, *planes: jax.Array, max_zoom: float = 1.0

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="activation dtype (default auto: bfloat16 on GPU, float32 on CPU)")
     train.add_argument("--no-augment", dest="augment", action="store_false", help="no flips/rotations/jitter")
     train.add_argument("--zoom-augment", type=float, default=1.0, metavar="MAX",
-                       help="also enlarge a random window of each sample by up to MAX (e.g. 1.5; default 1 = off)")
+                       help="also rescale each sample by a factor from 1/MAX to MAX (e.g. 1.5; at most 2; default 1 = "
+                       "off)")
     defaults = TRAIN_DEFAULTS
     train.add_argument("--borders", action=argparse.BooleanOptionalAction, default=defaults.borders,
                        help="second output: borders/gaps between buildings, used to split touching buildings "

@@ -69,7 +69,7 @@ class TrainConfig:
     seed: int = 0
     # Random dihedral transform + brightness/contrast jitter of each training sample, on the device.
     augment: bool = True
-    # With augment: also enlarge a random window of each sample by a factor drawn from U(1, zoom_augment) (1 = off).
+    # With augment: also rescale each sample by a factor from [1/zoom_augment, zoom_augment] (1 = off; at most 2).
     zoom_augment: float = 1.0
     # Validate on `val` (and offer a "best" checkpoint) every this many steps, and at the end.
     eval_every: int = 500
@@ -109,8 +109,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be a number >= 0, got {value!r}")
-        if not math.isfinite(self.zoom_augment) or not 1.0 <= self.zoom_augment <= 4.0:
-            raise ConfigError(f"--zoom-augment: must be a number from 1 (off) to 4, got {self.zoom_augment!r}")
+        if not math.isfinite(self.zoom_augment) or not 1.0 <= self.zoom_augment <= 2.0:
+            raise ConfigError(f"--zoom-augment: must be a number from 1 (off) to 2, got {self.zoom_augment!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(f"--warmup-fraction: must be in [0, 1), got {self.warmup_fraction!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:

@@ -544,7 +544,7 @@ def test_predict_from_lon_lat_fetches_the_tile(trained, tmp_path, monkeypatch):
     (["train", "--workdir", "w", "--database-url", "nope://u:hunter2@h/d"], {}, "--database-url: expected"),
     (["evaluate", "--workdir", "w", "--split", "holdout"], {}, "argument --split: invalid choice"),
     (["train", "--workdir", "w", "--database-url", "postgresql://u@127.0.0.1:9/d", "--zoom-augment", "0.5"], {},
-     "--zoom-augment: must be a number from 1 (off) to 4, got 0.5"),
+     "--zoom-augment: must be a number from 1 (off) to 2, got 0.5"),
 ])
 def test_malformed_settings_exit_2_with_one_line(args, env, expected, monkeypatch, capsys):
     for name, value in env.items():
