@@ -279,7 +279,7 @@ QUALITY_RECIPES = [
     ("today", {"borders": False, "residual": False, "separation_weight": 0.0}),
     ("residual", {"borders": False, "residual": True, "separation_weight": 0.0}),
     ("residual + borders", {"borders": True, "residual": True, "separation_weight": 0.0}),
-    # against the overfitting the H200 run showed (README): the same ground at up to 1.5x finer resolution
+    # against the overfitting the H200 run showed (README): the same ground rescaled by 1/1.5 to 1.5x
     ("residual + zoom 1.5", {"borders": False, "residual": True, "separation_weight": 0.0, "zoom_augment": 1.5}),
 ]
 
