@@ -5,6 +5,8 @@
   have no canonical orientation (north-up is a convention, shadows aside), so every one of the 8 is a plausible tile.
 * Light photometric jitter per sample: brightness shift and contrast scaling about the image mean; the mask is
   untouched. It covers the differences between orthophoto campaigns and providers.
+* Optionally (``--zoom-augment``, off by default), a random rescaling by 1/MAX to MAX (:func:`zoom_crop`): the same
+  ground at the resolution of another zoom level or provider.
 
 Everything is pure jax.numpy on [B, H, W, C] arrays; no host round trip. :func:`tta` (8-fold test-time
 augmentation, ``--tta`` of ``evaluate`` and ``predict``) uses the same 8 symmetries.
