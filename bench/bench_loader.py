@@ -132,18 +132,19 @@ def run_bench(database_url: str, samples: int, batch_size: int = 32, workers: tu
     """Every configuration of the report, measured on ``database_url``, alternating over ``rounds`` rounds."""
     results: dict[str, Any] = {"cpus": os.cpu_count(), "load_average_before": os.getloadavg()[0],
                                "batch_size": batch_size, "rounds": rounds}
-    configs: list[tuple[str, Any]] = [("baseline", None)]
-    configs += [(str(w), (w, False)) for w in workers] + [(f"{w}+GIL", (w, True)) for w in workers]
-    configs += [(f"{workers[-1]} epoch by epoch", (workers[-1], None))]  # the pipeline drained at each boundary
+    # name -> measure_loader's arguments (None: the baseline)
+    configs: list[tuple[str, dict | None]] = [("baseline", None)]
+    configs += [(str(w), {"workers": w}) for w in workers]
+    configs += [(f"{w}+GIL", {"workers": w, "gil_hog": True}) for w in workers]
+    # the pipeline drained and refilled at each epoch boundary
+    configs += [(f"{workers[-1]} epoch by epoch", {"workers": workers[-1], "continuous": False})]
     runs: dict[str, list[Measure]] = {name: [] for name, _ in configs}
     for _ in range(rounds):
         for name, config in configs:
             if config is None:
                 runs[name].append(measure_baseline(database_url, batch_size, samples=samples // 2))
             else:
-                w, hog = config
-                runs[name].append(measure_loader(database_url, batch_size, w, samples=samples, gil_hog=bool(hog),
-                                                 continuous=hog is not None))
+                runs[name].append(measure_loader(database_url, batch_size, samples=samples, **config))
     median = {name: sorted(m, key=lambda x: x.samples_per_s)[len(m) // 2] for name, m in runs.items()}
     base = median["baseline"].samples_per_s
     results["rows"] = [{"workers": name, **dataclasses.asdict(m), "all_samples_per_s": [x.samples_per_s for x in

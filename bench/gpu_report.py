@@ -242,7 +242,7 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
     done, waited = 0, 0.0
     timed_from = None
     with SampleStream(url, "train", None, batch, seed=0, decode_workers=workers,
-                      borders=bool(config.borders or config.separation_weight)) as stream:
+                      borders=config.uses_border_targets) as stream:
         # as trainer.train reads them: one stream through the epochs
         batches = prefetch_to_device((b for _, b in stream.batches(0)), size=2, sharding=batch_sharded(mesh))
         try:

@@ -116,6 +116,12 @@ class TrainConfig:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"--compute-dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
 
+    @property
+    def uses_border_targets(self) -> bool:
+        """Whether the loss reads the border/gap targets (the border output or the separation weight): only then
+        does the training stream derive them (1.7 ms a tile in the decode workers)."""
+        return self.borders or self.separation_weight > 0
+
     def public(self) -> dict[str, Any]:
         """Every field as JSON-ready values, the database password redacted (for logs and config.json)."""
         out = dataclasses.asdict(self)

@@ -100,7 +100,7 @@ def train_and_evaluate(config: TrainConfig, workdir: Path | str, *, stop_after: 
     # The border targets cost the workers about as much as decoding: derived only when the loss uses them.
     train_stream = SampleStream(config.database_url, "train", config.zooms, config.batch_size, seed=config.seed,
                                 shuffle=True, pad_last=False, decode_workers=config.decode_workers,
-                                prefetch=config.prefetch, borders=config.borders or config.separation_weight > 0)
+                                prefetch=config.prefetch, borders=config.uses_border_targets)
     val_stream = SampleStream(config.database_url, "val", config.zooms, config.batch_size, shuffle=False,
                               pad_last=True, decode_workers=config.decode_workers, prefetch=config.prefetch)
     with train_stream, val_stream, Checkpoints(workdir) as checkpoints:
