@@ -105,9 +105,11 @@ def database_url(admin_url: str, name: str) -> str:
     return f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
 
 
-def dubai_crops(image_path: Path, mask_path: Path, quality: int = 95) -> list[tuple[bytes, bytes, int]]:
-    """``(JPEG, mask PNG, building pixels)`` of every full 256 x 256 crop of one dubai-aerial image (as
-    trainer.datasets cuts them; not imported from there: it needs the harvester's GIS stack)."""
+def dubai_crops(image_path: Path, mask_path: Path, stride: int = 256, quality: int = 95
+                ) -> list[tuple[int, int, bytes, bytes, int]]:
+    """``(top, left, JPEG, mask PNG, building pixels)`` of every full 256 x 256 crop of one dubai-aerial image, one
+    every ``stride`` pixels (256: as trainer.datasets cuts them; not imported from there: it needs the harvester's GIS
+    stack; 128: overlapping crops as well)."""
     import numpy as np
     from PIL import Image
 
@@ -117,36 +119,53 @@ def dubai_crops(image_path: Path, mask_path: Path, quality: int = 95) -> list[tu
         rgb = np.asarray(f.convert("RGB"))
     mask = (rgb == DUBAI_BUILDING_RGB).all(axis=-1).astype(np.uint8)
     out = []
-    for top in range(0, min(image.shape[0], mask.shape[0]) - 255, 256):
-        for left in range(0, min(image.shape[1], mask.shape[1]) - 255, 256):
+    for top in range(0, min(image.shape[0], mask.shape[0]) - 255, stride):
+        for left in range(0, min(image.shape[1], mask.shape[1]) - 255, stride):
             jpeg, png = io.BytesIO(), io.BytesIO()
             Image.fromarray(image[top:top + 256, left:left + 256]).save(jpeg, "JPEG", quality=quality)
             crop = mask[top:top + 256, left:left + 256]
             Image.fromarray(crop * 255).save(png, "PNG")
-            out.append((jpeg.getvalue(), png.getvalue(), int(crop.sum())))
+            out.append((top, left, jpeg.getvalue(), png.getvalue(), int(crop.sum())))
     return out
 
 
-def folder_split(folder: int, _image: int) -> str:
-    return "val" if folder == 7 else "test" if folder == 8 else "train"
+def on_grid(top: int, left: int) -> bool:
+    """A crop of the 256-pixel grid (the data set's crops), not one of the overlapping crops between them."""
+    return top % 256 == 0 and left % 256 == 0
 
 
-def quality_split(folder: int, _image: int) -> str:
+def folder_split(folder: int, _image: int, top: int, left: int) -> str | None:
+    return ("val" if folder == 7 else "test" if folder == 8 else "train") if on_grid(top, left) else None
+
+
+def quality_split(folder: int, _image: int, top: int, left: int) -> str | None:
     """The quality run's split: Tile_8 test, every other folder train (no validation: the run keeps the last step)."""
-    return "test" if folder == 8 else "train"
+    return ("test" if folder == 8 else "train") if on_grid(top, left) else None
 
 
-def load_dubai(admin_url: str, data: Path, folders: list[int] | None, layouts: dict | None = None) -> list[str]:
-    """One database per ``layouts`` entry (name -> split of (folder, image)); by default ``loader`` (every crop in
-    split train) and ``dubai`` (split by folder: 7 val, 8 test). Returns their URLs in that order."""
-    layouts = layouts or {"loader": lambda folder, image: "train", "dubai": folder_split}
+def overlap_split(folder: int, _image: int, top: int, left: int) -> str | None:
+    """:func:`quality_split` with 4x the training crops: in train, a crop every 128 pixels (overlapping by half);
+    the test crops are the same 360."""
+    if folder == 8:
+        return "test" if on_grid(top, left) else None
+    return "train"
+
+
+def load_dubai(admin_url: str, data: Path, folders: list[int] | None, layouts: dict | None = None,
+               stride: int = 256) -> list[str]:
+    """One database per ``layouts`` entry (name -> split of (folder, image, top, left), None: left out); by default
+    ``loader`` (every grid crop in split train) and ``dubai`` (split by folder: 7 val, 8 test). Crops are cut every
+    ``stride`` pixels. Returns the databases' URLs in that order."""
+    layouts = layouts or {"loader": lambda folder, image, top, left: "train" if on_grid(top, left) else None,
+                          "dubai": folder_split}
     import asyncpg
 
     pairs = [(int(d.name.split("_")[1]), p, d / "masks" / f"{p.stem}.png")
              for d in sorted(data.glob("Tile_*")) for p in sorted((d / "images").glob("*.jpg"))]
     pairs = [t for t in pairs if t[2].is_file() and (folders is None or t[0] in folders)]
     with ProcessPoolExecutor(os.cpu_count()) as pool:
-        crops = list(pool.map(dubai_crops, [p for _, p, _ in pairs], [m for _, _, m in pairs]))
+        crops = list(pool.map(dubai_crops, [p for _, p, _ in pairs], [m for _, _, m in pairs],
+                              [stride] * len(pairs)))
 
     async def fill() -> None:
         admin = await asyncpg.connect(admin_url)
@@ -163,9 +182,9 @@ def load_dubai(admin_url: str, data: Path, folders: list[int] | None, layouts: d
                 rows = []
                 for (folder, image_path, _), samples in zip(pairs, crops):
                     number = int(image_path.stem.rsplit("_", 1)[1])
-                    split = split_of(folder, number)
                     rows += [("dubai", 18, folder * 1000 + number, k, split, jpeg, "jpeg", png, pixels)
-                             for k, (jpeg, png, pixels) in enumerate(samples)]
+                             for k, (top, left, jpeg, png, pixels) in enumerate(samples)
+                             if (split := split_of(folder, number, top, left)) is not None]
                 await conn.copy_records_to_table(
                     "dataset", records=rows, columns=["provider", "zoom", "tile_x", "tile_y", "split", "image",
                                                       "image_format", "mask", "building_pixels"])
@@ -260,9 +279,10 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
             batches.close()
         jax.block_until_ready(state)
         epoch = (steps - 1) // stream.num_batches() + 1
+        train_samples = len(stream)
     train_s = time.perf_counter() - (timed_from or started)
     out = {"base_filters": base, "depth": depth, "batch_size": batch, "steps": steps, "lr": lr,
-           "options": options or {}, "epochs_started": epoch, "images_per_s": (steps - 1) * batch / train_s,
+           "options": options or {}, "train_samples": train_samples, "epochs_started": epoch, "images_per_s": (steps - 1) * batch / train_s,
            "data_wait_fraction": waited / train_s, "train_s": train_s}
     with SampleStream(url, "test", None, batch, shuffle=False, pad_last=True, decode_workers=workers) as test:
         for with_tta in tta:
@@ -281,16 +301,34 @@ QUALITY_RECIPES = [
     ("residual + borders", {"borders": True, "residual": True, "separation_weight": 0.0}),
     # against the overfitting the H200 run showed (README): the same ground rescaled by 1/1.5 to 1.5x
     ("residual + zoom 1.5", {"borders": False, "residual": True, "separation_weight": 0.0, "zoom_augment": 1.5}),
+    # 4x the training crops: every 128 pixels, overlapping by half (the data set keeps the 256-pixel grid)
+    ("residual + overlapping crops", {"borders": False, "residual": True, "separation_weight": 0.0,
+                                      "data": "overlap"}),
+    ("residual + overlapping crops + zoom 1.5", {"borders": False, "residual": True, "separation_weight": 0.0,
+                                                 "zoom_augment": 1.5, "data": "overlap"}),
+    # twice the width (base 64 in the full run; the issue measured +1 IoU point for the plain U-Net)
+    ("residual + base 64", {"borders": False, "residual": True, "separation_weight": 0.0, "width_factor": 2}),
 ]
 
 
-def quality_run(url: str, *, base: int, depth: int, batch: int, steps: int, workers: int, lr: float,
+def recipe_options(names: list[str] | None) -> list[tuple[str, dict]]:
+    """The selected recipes of :data:`QUALITY_RECIPES` (all when ``names`` is None); an unknown name is an error."""
+    known = dict(QUALITY_RECIPES)
+    unknown = [n for n in names or [] if n not in known]
+    if unknown:
+        raise SystemExit(f"error: --recipes: unknown {unknown}; known: {list(known)}")
+    return [(n, o) for n, o in QUALITY_RECIPES if names is None or n in names]
+
+
+def quality_run(urls: dict[str, str], *, base: int, depth: int, batch: int, steps: int, workers: int, lr: float,
                 recipes: list[str] | None = None) -> list[dict]:
+    """Each recipe trained and tested on ``urls[its "data"]`` (``grid`` unless it names ``overlap``)."""
     rows = []
-    for name, options in QUALITY_RECIPES:
-        if recipes and name not in recipes:
-            continue
-        row = short_training(url, base, depth, batch, steps, workers, lr=lr, options=options,
+    for name, options in recipe_options(recipes):
+        options = dict(options)
+        url = urls[options.pop("data", "grid")]
+        width = base * options.pop("width_factor", 1)
+        row = short_training(url, width, depth, batch, steps, workers, lr=lr, options=options,
                              tta=(False, True) if options["residual"] else (False,), objects=True)
         row["recipe"] = name
         rows.append(row)
@@ -301,15 +339,17 @@ def quality_run(url: str, *, base: int, depth: int, batch: int, steps: int, work
 def print_quality_table(report: dict) -> None:
     print(f"\n== quality run: {report['device']} ({report['backend']}), Dubai Tile_1-7 train ({report['train_samples']}"
           f" crops), Tile_8 test{' (QUICK: toy sizes, figures mean nothing)' if report['quick'] else ''}")
-    print("| U-Net | test IoU | F1 | precision | recall | object F1 (SpaceNet, IoU >= 0.5) | steps | train s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| U-Net | test IoU | F1 | precision | recall | object F1 (SpaceNet, IoU >= 0.5) | steps | train s |"
+          " train crops | data wait |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in report["quality"]:
         for prefix, tag in (("test_", ""), ("tta_test_", " + 8-fold TTA")):
             if prefix + "iou" in r:
                 print(f"| {r['recipe']}{tag}, base {r['base_filters']} | {r[prefix + 'iou']:.3f} | {r[prefix + 'f1']:.3f} |"
                       f" {r[prefix + 'precision']:.3f} | {r[prefix + 'recall']:.3f} | {r[prefix + 'object_f1']:.3f} |"
-                      f" {r['steps']} | {r['train_s']:.0f} |")
-    print(f"| every pixel \"building\" | {report['all_building_iou']:.3f} | | | | | | |")
+                      f" {r['steps']} | {r['train_s']:.0f} | {r['train_samples']} |"
+                      f" {100 * r['data_wait_fraction']:.1f} % |")
+    print(f"| every pixel \"building\" | {report['all_building_iou']:.3f} | | | | | | | | |")
     print(f"{report['seconds']:.0f} s in all")
 
 
@@ -416,7 +456,13 @@ def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
         base, depth, batch, steps, folders, workers = 4, 2, 4, args.train_steps or 4, [2, 3, 8], 2
     else:
         base, depth, batch, steps, folders, workers = 32, 4, 32, args.train_steps or 2500, None, min(16, os.cpu_count())
-    (url,) = load_dubai(start_postgres(root), args.data, folders, {"quality": quality_split})
+    recipes = recipe_options(args.recipes.split(",") if args.recipes else None)
+    layouts = {"quality": quality_split}
+    if any(options.get("data") == "overlap" for _, options in recipes):
+        layouts["quality_overlap"] = overlap_split
+    urls = dict(zip(("grid", "overlap"), load_dubai(start_postgres(root), args.data, folders, layouts,
+                                                      stride=128 if len(layouts) > 1 else 256)))
+    url = urls["grid"]
 
     async def counts() -> dict:
         conn = await asyncpg.connect(url)
@@ -434,7 +480,7 @@ def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
               "cpus": os.cpu_count(), "quick": args.quick, "load_average": os.getloadavg()[0],
               "train_samples": splits["train"][0], "test_samples": splits["test"][0],
               "all_building_iou": splits["test"][1]}
-    report["quality"] = quality_run(url, base=base, depth=depth, batch=batch, steps=steps, workers=workers,
+    report["quality"] = quality_run(urls, base=base, depth=depth, batch=batch, steps=steps, workers=workers,
                                     lr=args.lr, recipes=args.recipes.split(",") if args.recipes else None)
     return finish(report, started, print_quality_table, args.out)
 

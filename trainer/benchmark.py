@@ -27,8 +27,9 @@ TRAIN_SPLIT = "train"
 
 
 def step_benchmark(base_filters: int, batch_size: int, steps: int, *, depth: int = 4, compute_dtype: str = "auto",
-                   peak_tflops: float | None = None) -> dict:
-    """Time ``steps`` train steps (after one untimed warm-up step); one JSON-ready dict (SPEC: trainer benchmark)."""
+                   peak_tflops: float | None = None, options: dict | None = None) -> dict:
+    """Time ``steps`` train steps (after one untimed warm-up step); one JSON-ready dict (SPEC: trainer benchmark).
+    ``options``: further :class:`~trainer.config.TrainConfig` fields (e.g. ``augment``), for experiments."""
     import jax
     import jax.numpy as jnp
 
@@ -39,7 +40,7 @@ def step_benchmark(base_filters: int, batch_size: int, steps: int, *, depth: int
     from .steps import StepSpec, batch_sharded, compiled_functions, make_mesh
 
     config = TrainConfig(steps=steps + 1, batch_size=batch_size, base_filters=base_filters, depth=depth,
-                         compute_dtype=compute_dtype)
+                         compute_dtype=compute_dtype, **(options or {}))
     mesh = make_mesh(batch_size)
     _, _, init, step = compiled_functions(StepSpec.of(config, steps + 1), mesh)
     state = init()
