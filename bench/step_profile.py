@@ -91,32 +91,72 @@ def kernel_class(name: str) -> str:
     return "copy/other"
 
 
-def summarise_trace(trace_dir: str, top: int) -> dict:
-    """Device time per kernel name over the GPU planes of the trace in ``trace_dir``."""
+def summarise_trace(trace_dir: str, top: int, hlo_lines: dict[str, str] | None = None) -> dict:
+    """Device time per kernel name (on a CPU: XLA's thread-pool events), and per XLA instruction (the ``hlo_op`` of each kernel event, with its line of
+    the optimized program from ``hlo_lines`` when given: shapes and convolution windows), over the GPU planes of
+    the trace in ``trace_dir``."""
     from jax.profiler import ProfileData
 
     per_name: dict[str, float] = defaultdict(float)
+    per_op: dict[str, float] = defaultdict(float)
     lines_seen = []
-    for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
-        data = ProfileData.from_file(path)
-        for plane in data.planes:
-            if not plane.name.startswith("/device:GPU"):
+    planes = [plane for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+              for plane in ProfileData.from_file(path).planes]
+    gpu = any(plane.name.startswith("/device:GPU") for plane in planes)
+    for plane in planes:
+        if not (plane.name.startswith("/device:GPU") if gpu else plane.name == "/host:CPU"):
+            continue
+        for line in plane.lines:
+            # GPU: kernels live on the stream lines ("XLA Ops"/"XLA Modules" repeat them at other granularities);
+            # CPU (no GPU in the trace): the XLA thread pool's events that name an XLA instruction
+            if gpu and not line.name.startswith("Stream"):
+                lines_seen.append(line.name)
                 continue
-            for line in plane.lines:
-                # kernels live on the stream lines; "XLA Ops"/"XLA Modules" lines repeat them at other granularities
-                if not line.name.startswith("Stream"):
-                    lines_seen.append(line.name)
+            for event in line.events:
+                op = dict(event.stats).get("hlo_op")
+                if not gpu and not op:
                     continue
-                for event in line.events:
-                    per_name[event.name] += event.duration_ns
+                per_name[event.name] += event.duration_ns
+                if op:
+                    per_op[str(op)] += event.duration_ns
     total = sum(per_name.values()) or 1.0
     classes: dict[str, float] = defaultdict(float)
     for name, ns in per_name.items():
         classes[kernel_class(name)] += ns
     ranked = sorted(per_name.items(), key=lambda kv: -kv[1])
-    return {"device_ms": total / 1e6, "classes": {k: v / total for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
+    ops = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+    return {"device_ms": total / 1e6,
+            "top_ops": [{"op": k, "share": v / total, "ms": v / 1e6, "hlo": (hlo_lines or {}).get(k, "")[:300]}
+                        for k, v in ops], "classes": {k: v / total for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
             "top": [{"kernel": k[:160], "share": v / total, "ms": v / 1e6} for k, v in ranked[:top]],
             "kernels": len(per_name), "other_lines": sorted(set(lines_seen))}
+
+
+def optimized_hlo_lines(base: int, batch: int, steps: int) -> dict[str, str]:
+    """Instruction name -> its line in the optimized program of the default step as ``step_benchmark(base, batch,
+    steps)`` compiles it (the same program: a cache hit)."""
+    import re
+
+    import jax
+    import numpy as np
+
+    from trainer.config import TrainConfig
+    from trainer.steps import StepSpec, batch_sharded, compiled_functions, make_mesh
+
+    config = TrainConfig(steps=steps + 1, batch_size=batch, base_filters=base)
+    mesh = make_mesh(batch)
+    _, _, init, step = compiled_functions(StepSpec.of(config, steps + 1), mesh)
+    sharding = batch_sharded(mesh)
+    shapes = {"images": ((batch, 256, 256, 3), np.uint8), "masks": ((batch, 256, 256), np.uint8),
+              "borders": ((batch, 256, 256), np.uint8), "valid": ((batch,), np.bool_)}
+    abstract = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
+    text = step.lower(jax.eval_shape(init), abstract).compile().as_text()
+    lines = {}
+    for line in text.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)", line)
+        if match:
+            lines[match.group(1)] = match.group(2)
+    return lines
 
 
 def profile_default(base: int, batch: int, steps: int, top: int) -> dict:
@@ -129,7 +169,12 @@ def profile_default(base: int, batch: int, steps: int, top: int) -> dict:
         row = run_variant("default", base, batch, steps)
     finally:
         jax.profiler.stop_trace()
-    summary = summarise_trace(trace_dir, top)
+    try:
+        hlo_lines = optimized_hlo_lines(base, batch, steps)
+    except Exception as exc:  # noqa: BLE001 - the kernel table stands without the program's lines
+        print(f"optimized program not read: {exc}", flush=True)
+        hlo_lines = {}
+    summary = summarise_trace(trace_dir, top, hlo_lines)
     summary["steps_traced"] = steps + 1
     summary["images_per_s_while_traced"] = row["images_per_s"]
     return summary
@@ -170,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {100 * share:5.1f} %  {name}")
         for k in p["top"]:
             print(f"  {100 * k['share']:5.1f} %  {k['ms']:8.2f} ms  {k['kernel']}")
+        print("per XLA instruction:")
+        for k in p["top_ops"]:
+            print(f"  {100 * k['share']:5.1f} %  {k['ms']:8.2f} ms  {k['op']}: {k['hlo'][:200]}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
