@@ -249,6 +249,7 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
 
     from trainer.config import TrainConfig
     from trainer.data import SampleStream, prefetch_to_device
+    from trainer.metrics import SegmentationMetrics
     from trainer.steps import (StepSpec, batch_sharded, compile_eval_step, compiled_functions, evaluate_stream,
                                make_mesh)
 
@@ -286,13 +287,24 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
            "data_wait_fraction": waited / train_s, "train_s": train_s}
     with SampleStream(url, "test", None, batch, shuffle=False, pad_last=True, decode_workers=workers) as test:
         for with_tta in tta:
+            # the object F1 again with predicted buildings under MIN_AREAS pixels left out (evaluate --min-area)
+            by_area = {area: SegmentationMetrics(min_area=area) for area in (MIN_AREAS if objects else ())}
+
+            def observe(b, fetched):
+                for metrics in by_area.values():
+                    metrics.update(fetched["counts"], b.valid, b.zooms, fetched["predicted"], b.masks,
+                                   predicted_borders=fetched.get("border"), true_borders=b.borders)
+
             result = evaluate_stream(compile_eval_step(graphdef, mesh, with_tta), state.params, test, mesh,
-                                     objects=objects)
+                                     objects=objects, observe=observe)
             prefix = "tta_test_" if with_tta else "test_"
             out.update({prefix + k: v for k, v in result.items() if k != "per_zoom"})
+            out.update({f"{prefix}object_f1_min_area_{area}": m.result()["object_f1"] for area, m in by_area.items()})
     out["seconds"] = time.perf_counter() - started
     return out
 
+
+MIN_AREAS = (8, 16, 32, 64)  # pixels: the object F1 of the quality run is also given without smaller predictions
 
 # (name, TrainConfig fields): today's recipe, and the changes the CPU ablation kept or left open (README)
 QUALITY_RECIPES = [
@@ -350,6 +362,12 @@ def print_quality_table(report: dict) -> None:
                       f" {r['steps']} | {r['train_s']:.0f} | {r['train_samples']} |"
                       f" {100 * r['data_wait_fraction']:.1f} % |")
     print(f"| every pixel \"building\" | {report['all_building_iou']:.3f} | | | | | | | | |")
+    print("object F1 with predicted buildings under N pixels left out (evaluate --min-area N):")
+    for r in report["quality"]:
+        for prefix, tag in (("test_", ""), ("tta_test_", " + TTA")):
+            areas = [(a, r.get(f"{prefix}object_f1_min_area_{a}")) for a in MIN_AREAS]
+            if prefix + "iou" in r and areas[0][1] is not None:
+                print(f"  {r['recipe']}{tag}: " + ", ".join(f"N={a}: {f1:.3f}" for a, f1 in areas))
     print(f"{report['seconds']:.0f} s in all")
 
 

@@ -46,6 +46,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -154,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default 2)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     evaluate.add_argument("--tta", action="store_true", help="8-fold test-time augmentation (8x the compute)")
+    evaluate.add_argument("--min-area", type=_non_negative_int, default=0, metavar="PIXELS", help="object_f1: "
+                          "predicted buildings smaller than this are not counted (default 0: all)")
     evaluate.add_argument("--report", type=Path, metavar="OUT", help="also write OUT/index.html: metrics, curves, "
                           "best and worst tiles (opens from disk)")
 
@@ -169,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--geojson", type=Path, help="GeoJSON of the building polygons (EPSG:4326) to write")
     predict.add_argument("--overlay", type=Path, help="PNG to write: the input tile, predicted buildings outlined")
     predict.add_argument("--tta", action="store_true", help="8-fold test-time augmentation")
+    predict.add_argument("--min-area", type=_non_negative_int, default=0, metavar="PIXELS", help="--geojson: "
+                         "leave out buildings smaller than this (default 0: all)")
 
     bench = commands.add_parser("benchmark", help="train-step speed (images/s, TFLOP/s, MFU) and input-pipeline speed")
     cache_flag(bench)
@@ -243,7 +254,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         options = {"report": args.report}
     result = run(args.workdir, url, split=args.split, zooms=args.zooms, batch_size=args.batch_size,
-                 decode_workers=args.decode_workers, progress=not args.json, tta=args.tta, **options)
+                 decode_workers=args.decode_workers, progress=not args.json, tta=args.tta, min_area=args.min_area,
+                 **options)
     print(json.dumps(result, sort_keys=True) if args.json else format_table(result, args.split))
     return EXIT_OK
 
@@ -257,7 +269,8 @@ def _predict(args: argparse.Namespace) -> int:
         raise ConfigError("--lat/--zoom: only with --lon (not with --image)")
     compile_cache.enable(args.compilation_cache)
     summary = predict(args.workdir, args.out, image=args.image, tile=args.tile, lon=args.lon, lat=args.lat,
-                      zoom=args.zoom, geojson=args.geojson, overlay=args.overlay, tta=args.tta)
+                      zoom=args.zoom, geojson=args.geojson, overlay=args.overlay, tta=args.tta,
+                      min_area=args.min_area)
     written = [str(p) for p in (args.geojson, args.overlay) if p is not None]
     log.info("wrote %s%s: %s", args.out, "".join(f" and {p}" for p in written), summary)
     return EXIT_OK

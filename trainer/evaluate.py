@@ -50,11 +50,12 @@ def restore_params(workdir: Path, config: TrainConfig, mesh) -> tuple:
 
 def evaluate(workdir: Path | str, database_url: str, *, split: str = "test", zooms: tuple[int, ...] | None = None,
              batch_size: int | None = None, decode_workers: int = 2, progress: bool = True,
-             observe: Callable | None = None, tta: bool = False) -> dict:
+             observe: Callable | None = None, tta: bool = False, min_area: int = 0) -> dict:
     """``{iou, f1, precision, recall, pixel_accuracy, object_f1, samples, per_zoom}`` over every sample of ``split``.
 
     ``observe(batch, outputs)`` sees every batch evaluated (see :func:`trainer.steps.evaluate_stream`). ``tta``: the
-    mean prediction over the 8 symmetries of the square (:func:`trainer.augment.tta`)."""
+    mean prediction over the 8 symmetries of the square (:func:`trainer.augment.tta`). ``min_area``: predicted
+    buildings of fewer pixels are not counted by ``object_f1``."""
     workdir = Path(workdir).resolve()
     config = saved_train_config(workdir, database_url)
     devices = jax.local_devices()
@@ -68,7 +69,8 @@ def evaluate(workdir: Path | str, database_url: str, *, split: str = "test", zoo
         if len(stream) == 0:
             raise DataError(f"split {split!r} holds no sample (zooms {list(zooms) if zooms else 'all'}): "
                             "nothing to evaluate")
-        result = evaluate_stream(eval_fn, params, stream, mesh, progress=progress, observe=observe)
+        result = evaluate_stream(eval_fn, params, stream, mesh, progress=progress, observe=observe,
+                                 min_area=min_area)
     return {key: result[key] for key in JSON_KEYS}
 
 

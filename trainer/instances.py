@@ -61,9 +61,20 @@ def border_target(mask: np.ndarray, instances: np.ndarray | None = None) -> np.n
     return (touching | gaps).astype(np.uint8)
 
 
-def separate_buildings(mask: np.ndarray, border: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """``(labels int32 [H, W], count)``: one label per building of a (predicted) mask, split along ``border``."""
-    mask = np.asarray(mask) != 0
+def separate_buildings(mask: np.ndarray, border: np.ndarray | None = None, min_area: int = 0
+                       ) -> tuple[np.ndarray, int]:
+    """``(labels int32 [H, W], count)``: one label per building of a (predicted) mask, split along ``border``;
+    buildings of fewer than ``min_area`` pixels are dropped (label 0), the others numbered 1..count again."""
+    labels, count = _separate(np.asarray(mask) != 0, border)
+    if min_area > 1 and count:
+        keep = np.bincount(labels.ravel(), minlength=count + 1) >= min_area
+        keep[0] = False
+        renumber = np.where(keep, np.cumsum(keep), 0).astype(np.int32)
+        return renumber[labels], int(keep.sum())
+    return labels, count
+
+
+def _separate(mask: np.ndarray, border: np.ndarray | None) -> tuple[np.ndarray, int]:
     if border is None:
         labels, count = ndimage.label(mask, structure=_FOUR)
         return labels.astype(np.int32), int(count)

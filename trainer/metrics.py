@@ -89,11 +89,13 @@ class ObjectMatch(NamedTuple):
 
 
 def match_objects(predicted: np.ndarray, actual: np.ndarray, iou_threshold: float = OBJECT_IOU_THRESHOLD, *,
-                  predicted_border: np.ndarray | None = None, actual_border: np.ndarray | None = None
-                  ) -> ObjectMatch:
+                  predicted_border: np.ndarray | None = None, actual_border: np.ndarray | None = None,
+                  min_area: int = 0) -> ObjectMatch:
     """Match the buildings of two masks of one tile, SpaceNet style; each mask's buildings are separated along its
-    border map when given (:func:`~trainer.instances.separate_buildings`), else its 4-connected components."""
-    pred_labels, n_pred = separate_buildings(predicted, predicted_border)
+    border map when given (:func:`~trainer.instances.separate_buildings`), else its 4-connected components.
+    Predicted buildings of fewer than ``min_area`` pixels are left out (as ``predict --geojson --min-area`` leaves
+    them out); the true buildings are all counted."""
+    pred_labels, n_pred = separate_buildings(predicted, predicted_border, min_area)
     true_labels, n_true = separate_buildings(actual, actual_border)
     if n_pred == 0 or n_true == 0:
         return ObjectMatch(0, n_pred, n_true)
@@ -142,8 +144,9 @@ class _Group:
 class SegmentationMetrics:
     """Accumulates confusion counts and object matches overall and per zoom, over the valid samples of batches."""
 
-    def __init__(self, *, objects: bool = True):
+    def __init__(self, *, objects: bool = True, min_area: int = 0):
         self.objects = objects  # object matching needs the predicted masks on the host; skip it when not wanted
+        self.min_area = min_area  # predicted buildings smaller than this (pixels) are not counted as buildings
         self._overall = _Group()
         self._by_zoom: dict[int, _Group] = {}
 
@@ -165,7 +168,7 @@ class SegmentationMetrics:
             match = match_objects(
                 predicted[i], masks[i],
                 predicted_border=None if predicted_borders is None else predicted_borders[i],
-                actual_border=None if true_borders is None else true_borders[i],
+                actual_border=None if true_borders is None else true_borders[i], min_area=self.min_area,
             ) if self.objects else None
             for group in (self._overall, zoom_group):
                 group.pixels.add(*counts[i])

@@ -139,10 +139,11 @@ def pixels_to_lonlat(coords: np.ndarray, tile: Tile, size: int = TILE_SIZE) -> n
     return np.stack([lon, lat], axis=1)
 
 
-def mask_to_geojson(mask: np.ndarray, tile: Tile, border: np.ndarray | None = None) -> dict:
+def mask_to_geojson(mask: np.ndarray, tile: Tile, border: np.ndarray | None = None, min_area: int = 0) -> dict:
     """Building polygons of a tile's mask as a GeoJSON FeatureCollection in EPSG:4326: one feature per building of
-    :func:`~trainer.instances.separate_buildings` (split along ``border`` when given)."""
-    labels, _count = separate_buildings(mask, border)
+    :func:`~trainer.instances.separate_buildings` (split along ``border`` when given; buildings of fewer than
+    ``min_area`` pixels left out)."""
+    labels, _count = separate_buildings(mask, border, min_area)
     feats = []
     for geometry, _value in features.shapes(labels, mask=labels > 0, connectivity=4, transform=Affine.identity()):
         polygon = shape(geometry).simplify(SIMPLIFY_TOLERANCE_PX, preserve_topology=True)
@@ -157,7 +158,8 @@ def mask_to_geojson(mask: np.ndarray, tile: Tile, border: np.ndarray | None = No
 
 def predict(workdir: Path | str, out: Path | str, *, image: Path | str | None = None, tile: str | None = None,
             lon: float | None = None, lat: float | None = None, zoom: int | None = None,
-            geojson: Path | str | None = None, overlay: Path | str | None = None, tta: bool = False) -> dict:
+            geojson: Path | str | None = None, overlay: Path | str | None = None, tta: bool = False,
+            min_area: int = 0) -> dict:
     """Write the mask PNG (and the GeoJSON, and the input tile with the predicted buildings outlined);
     return ``{"building_pixels", "buildings"?, "tile"?}``."""
     if (image is None) == (lon is None or lat is None or zoom is None):
@@ -190,7 +192,7 @@ def predict(workdir: Path | str, out: Path | str, *, image: Path | str | None = 
     if known_tile is not None:
         summary["tile"] = f"{known_tile.z}/{known_tile.x}/{known_tile.y}"
     if geojson is not None:
-        collection = mask_to_geojson(mask, known_tile, border)
+        collection = mask_to_geojson(mask, known_tile, border, min_area)
         Path(geojson).write_text(json.dumps(collection))
         summary["buildings"] = len(collection["features"])
     return summary

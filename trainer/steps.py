@@ -226,13 +226,14 @@ def compile_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, tta_enabled: bool = Fa
 
 
 def evaluate_stream(eval_fn: Callable, params: nnx.State, stream: SampleStream, mesh: Mesh, *,
-                    objects: bool = True, progress: bool = False, observe: Callable | None = None) -> dict:
+                    objects: bool = True, progress: bool = False, observe: Callable | None = None,
+                    min_area: int = 0) -> dict:
     """Metrics of ``params`` over every sample of ``stream`` (made with ``pad_last=True``: padding rows are masked).
 
     The host-side part of batch k (object matching) runs while the device computes batch k + 1. ``observe``, when
     given, is called with each batch and its fetched eval outputs (``counts``, ``predicted``), e.g. to keep tiles.
     """
-    metrics = SegmentationMetrics(objects=objects)
+    metrics = SegmentationMetrics(objects=objects, min_area=min_area)
     sharding = batch_sharded(mesh)
 
     def consume(batch, out):

@@ -431,6 +431,19 @@ def test_evaluate_with_tta_counts_every_sample(trained, capsys):
     assert 0.0 <= tta["iou"] <= 1.0 and 0.0 <= tta["object_f1"] <= 1.0
 
 
+def test_evaluate_min_area_changes_the_object_count_only(trained, capsys):
+    args = ("evaluate", "--workdir", str(trained["workdir"]), "--database-url", trained["url"], "--json",
+            "--batch-size", "4")
+    assert cli(*args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert cli(*args, "--min-area", str(256 * 256 + 1)) == 0  # larger than any tile: no predicted building left
+    none_kept = json.loads(capsys.readouterr().out)
+    assert none_kept["object_f1"] == 0.0
+    assert {k: none_kept[k] for k in ("iou", "f1", "samples")} == {k: plain[k] for k in ("iou", "f1", "samples")}
+    assert cli(*args, "--min-area", "-1") == 2
+    assert "--min-area" in capsys.readouterr().err
+
+
 def test_a_workdir_from_before_issue_11_still_evaluates_as_the_model_it_was(trained, tmp_path, capsys):
     """config.json written before the border output and residual blocks existed: read as the plain U-Net."""
     from trainer.train import train_and_evaluate
@@ -585,6 +598,8 @@ def test_mask_to_geojson_gives_one_polygon_per_building():
     pixel_deg = (bounds.east - bounds.west) / 256
     assert west == pytest.approx(bounds.west + 30 * pixel_deg) and east == pytest.approx(bounds.west + 50 * pixel_deg)
     assert north < bounds.north and south > bounds.south and first.is_valid
+    kept = mask_to_geojson(mask, tile, min_area=161)["features"]  # predict --geojson --min-area 161
+    assert [f["properties"]["pixels"] for f in kept] == [200]
 
 
 def test_geojson_splits_touching_buildings_where_the_model_predicts_a_border_between_them():

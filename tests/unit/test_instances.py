@@ -82,3 +82,16 @@ def test_a_building_predicted_all_border_is_still_one_building():
     labels, count = separate_buildings(mask, border)
     assert count == 2 and ((labels > 0) == mask).all()
     assert len(np.unique(labels[mask])) == 2
+
+
+def test_min_area_drops_small_buildings_and_renumbers_the_rest():
+    mask = np.zeros((16, 16), bool)
+    mask[1:3, 1:3] = True  # 4 px: speckle
+    mask[5:10, 5:10] = True  # 25 px
+    mask[12:15, 1:4] = True  # 9 px
+    labels, count = separate_buildings(mask, None, min_area=9)
+    assert count == 2
+    assert sorted(np.unique(labels[labels > 0]).tolist()) == [1, 2]  # numbered 1..count again
+    assert not labels[1:3, 1:3].any() and (labels[5:10, 5:10] > 0).all() and (labels[12:15, 1:4] > 0).all()
+    assert separate_buildings(mask, None, min_area=0)[1] == 3
+    assert separate_buildings(mask, None, min_area=26)[1] == 0

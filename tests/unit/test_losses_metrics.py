@@ -146,6 +146,20 @@ def test_object_matching_by_hand():
     assert match_objects(pred, truth) == (1, 3, 2)
 
 
+def test_min_area_leaves_small_predicted_buildings_out_but_counts_every_true_one():
+    truth = np.zeros((16, 16), bool)
+    pred = np.zeros((16, 16), bool)
+    _square(truth, 0, 0, 4, 4)
+    _square(pred, 0, 0, 4, 4)  # 16 px, matched
+    _square(pred, 12, 12, 2, 2)  # 4 px of speckle: a false building at min_area 0
+    _square(truth, 8, 0, 2, 2)  # a 4 px true building, predicted as nothing: missed either way
+    assert match_objects(pred, truth) == (1, 2, 2)
+    assert match_objects(pred, truth, min_area=5) == (1, 1, 2)
+    metrics = SegmentationMetrics(min_area=5)
+    metrics.update(np.zeros((1, 4), int), np.array([True]), np.array([18]), pred[None], truth[None])
+    assert metrics.result()["object_f1"] == pytest.approx(2 * 1 / (1 + 2))
+
+
 def test_object_match_at_exactly_half_iou():
     truth = np.zeros((8, 8), bool)
     pred = np.zeros((8, 8), bool)
