@@ -318,6 +318,10 @@ QUALITY_RECIPES = [
                                       "data": "overlap"}),
     ("residual + overlapping crops + zoom 1.5", {"borders": False, "residual": True, "separation_weight": 0.0,
                                                  "zoom_augment": 1.5, "data": "overlap"}),
+    # + the Lovasz hinge, a surrogate of 1 - IoU per tile (Berman et al. 2018)
+    ("residual + Lovasz 1", {"borders": False, "residual": True, "separation_weight": 0.0, "lovasz_weight": 1.0}),
+    ("residual + overlapping crops + Lovasz 1", {"borders": False, "residual": True, "separation_weight": 0.0,
+                                                 "lovasz_weight": 1.0, "data": "overlap"}),
     # twice the width (base 64 in the full run; the issue measured +1 IoU point for the plain U-Net)
     ("residual + base 64", {"borders": False, "residual": True, "separation_weight": 0.0, "width_factor": 2}),
 ]

@@ -49,6 +49,8 @@ ROWS = [
     ("split + residual blocks + scale augmentation 1/1.5-1.5x", "new", ["--no-borders", "--residual",
                                                                        "--separation-weight", "0", "--zoom-augment",
                                                                        "1.5"], []),  # 8
+    ("split + residual blocks + Lovasz hinge 1", "new", ["--no-borders", "--residual", "--separation-weight", "0",
+                                                        "--lovasz-weight", "1"], []),  # 9
 ]
 
 

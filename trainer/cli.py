@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--separation-weight", type=_non_negative_float, default=defaults.separation_weight,
                        help="extra BCE weight of border/gap pixels, the U-Net paper's weight map "
                        f"(default {defaults.separation_weight:g})")
+    train.add_argument("--lovasz-weight", type=_non_negative_float, default=defaults.lovasz_weight,
+                       help="weight of the Lovasz hinge (an IoU surrogate) in the loss "
+                       f"(default {defaults.lovasz_weight:g} = off)")
     train.add_argument("--residual", action=argparse.BooleanOptionalAction, default=defaults.residual,
                        help=f"residual U-Net blocks (default {'on' if defaults.residual else 'off'})")
     train.add_argument("--decode-workers", type=_positive_int, default=DEFAULT_DECODE_WORKERS,
@@ -231,7 +234,7 @@ def _train(args: argparse.Namespace) -> int:
         compute_dtype=args.compute_dtype, augment=args.augment, zoom_augment=args.zoom_augment,
         decode_workers=args.decode_workers,
         borders=args.borders, border_weight=args.border_weight, border_dice_weight=args.border_dice_weight,
-        separation_weight=args.separation_weight,
+        separation_weight=args.separation_weight, lovasz_weight=args.lovasz_weight,
         residual=args.residual,
     )
     if config.seed < 0:

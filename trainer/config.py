@@ -63,6 +63,8 @@ class TrainConfig:
     border_dice_weight: float = 0.0
     # The building BCE of a border/gap pixel weighs 1 + separation_weight (the U-Net paper's weight map); 0 = off.
     separation_weight: float = 0.0
+    # Weight of the Lovasz hinge of the building output (a surrogate of 1 - IoU, per tile) added to the loss; 0 = off.
+    lovasz_weight: float = 0.0
     # Residual U-Net blocks (each block's input added to its output, 1x1 projection where the width changes).
     residual: bool = True
     # Seed of parameter initialisation, data shuffling and augmentation: the same seed gives the same run.
@@ -105,7 +107,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be a positive number, got {value!r}")
-        for name in ("weight_decay", "dice_weight", "border_weight", "border_dice_weight", "separation_weight"):
+        for name in ("weight_decay", "dice_weight", "border_weight", "border_dice_weight", "separation_weight",
+                     "lovasz_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be a number >= 0, got {value!r}")
@@ -184,7 +187,7 @@ def write_config(config: TrainConfig, workdir: Path, **resolved: Any) -> Path:
 
 # What a config.json written before a field existed meant: the model and loss of that time.
 LEGACY_FIELDS = {"borders": False, "residual": False, "border_weight": 1.0, "border_dice_weight": 0.0,
-                 "separation_weight": 0.0}
+                 "separation_weight": 0.0, "lovasz_weight": 0.0}
 
 
 def read_model_config(workdir: Path) -> dict[str, Any]:

@@ -110,6 +110,7 @@ class StepSpec(NamedTuple):
     border_weight: float
     border_dice_weight: float
     separation_weight: float
+    lovasz_weight: float
     residual: bool
     learning_rate: float
     warmup_fraction: float
@@ -144,7 +145,8 @@ def compiled_functions(spec: StepSpec, mesh: Mesh) -> tuple[optax.GradientTransf
                           zoom_augment=spec.zoom_augment,
                           loss_options=dict(dice_weight=spec.dice_weight, border_weight=spec.border_weight,
                                             border_dice_weight=spec.border_dice_weight,
-                                            separation_weight=spec.separation_weight)),
+                                            separation_weight=spec.separation_weight,
+                                            lovasz_weight=spec.lovasz_weight)),
         in_shardings=(replicated(mesh), batch_sharded(mesh)),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=0,

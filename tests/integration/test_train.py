@@ -451,7 +451,7 @@ def test_a_workdir_from_before_issue_11_still_evaluates_as_the_model_it_was(trai
     workdir = tmp_path / "old"
     train_and_evaluate(tiny_config(trained["url"], steps=2, borders=False, residual=False), workdir)
     config = json.loads((workdir / "config.json").read_text())
-    for key in ("borders", "residual", "border_weight", "border_dice_weight", "separation_weight"):
+    for key in ("borders", "residual", "border_weight", "border_dice_weight", "separation_weight", "lovasz_weight"):
         del config[key]
     (workdir / "config.json").write_text(json.dumps(config))
     assert cli("evaluate", "--workdir", str(workdir), "--database-url", trained["url"], "--json") == 0
@@ -558,6 +558,9 @@ def test_predict_from_lon_lat_fetches_the_tile(trained, tmp_path, monkeypatch):
     (["evaluate", "--workdir", "w", "--split", "holdout"], {}, "argument --split: invalid choice"),
     (["train", "--workdir", "w", "--database-url", "postgresql://u@127.0.0.1:9/d", "--zoom-augment", "0.5"], {},
      "--zoom-augment: must be a number from 1 (off) to 2, got 0.5"),
+    (["train", "--workdir", "w", "--lovasz-weight", "-1"], {}, "argument --lovasz-weight: expected a number >= 0"),
+    (["predict", "--workdir", "w", "--image", "t.png", "--out", "m.png", "--min-area", "x"], {},
+     "argument --min-area: expected an integer, got 'x'"),
 ])
 def test_malformed_settings_exit_2_with_one_line(args, env, expected, monkeypatch, capsys):
     for name, value in env.items():

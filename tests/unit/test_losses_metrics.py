@@ -50,6 +50,32 @@ def test_separation_weight_and_border_output_by_hand():
     assert float(parts["border"]) == pytest.approx(math.log(2) + 0.5, rel=1e-6)
 
 
+def test_lovasz_hinge_at_binary_errors_is_the_jaccard_loss():
+    # Lovasz's theorem: with hinge errors exactly 0 (right with margin 1) or 1 (logit 0), the loss is the Jaccard
+    # loss |M| / |truth u M| of the set M of erring pixels. Truth {0, 1}; pixels 1 (a building) and 2 err: 2 / 3.
+    masks = jnp.array([[[1, 1, 0, 0]]], jnp.uint8)
+    logits = jnp.array([[[1.0, 0.0, 0.0, -1.0]]])
+    assert float(losses.lovasz_hinge(logits, masks, jnp.array([True]))) == pytest.approx(2 / 3, rel=1e-6)
+    # right everywhere with a margin: 0; a tile without buildings pays its worst false positive's hinge (1 + 0.5)
+    assert float(losses.lovasz_hinge(jnp.array([[[2.0, 3.0, -2.0, -5.0]]]), masks, jnp.array([True]))) == 0.0
+    empty = jnp.zeros((1, 1, 2), jnp.uint8)
+    assert float(losses.lovasz_hinge(jnp.array([[[0.5, -2.0]]]), empty, jnp.array([True]))) == pytest.approx(1.5)
+
+
+def test_lovasz_weight_adds_the_per_tile_mean_and_ignores_padding():
+    masks = jnp.array([[[1, 1, 0, 0]], [[1, 1, 1, 1]]], jnp.uint8)
+    logits = jnp.array([[[1.0, 0.0, 0.0, -1.0]], [[-9.0, -9.0, -9.0, -9.0]]])
+    valid = jnp.array([True, False])
+    borders = jnp.zeros_like(masks)
+    plain, _ = losses.segmentation_loss(logits, masks, borders, valid)
+    both, parts = losses.segmentation_loss(logits, masks, borders, valid, lovasz_weight=0.5)
+    assert float(parts["lovasz"]) == pytest.approx(2 / 3, rel=1e-6)  # the padding row's 10s of error not counted
+    assert float(both) == pytest.approx(float(plain) + 0.5 * 2 / 3, rel=1e-6)
+    grad = jax.grad(lambda l: losses.lovasz_hinge(l, masks, valid))(logits)
+    assert float(grad[0, 0, 1]) < 0 < float(grad[0, 0, 2])  # raise the missed building, lower the false one
+    assert float(jnp.abs(grad[1]).max()) == 0.0
+
+
 def test_padding_rows_do_not_count():
     masks = jnp.array([[[1, 0], [0, 0]], [[1, 1], [1, 1]]], jnp.uint8)
     logits = jnp.stack([jnp.zeros((2, 2)), jnp.full((2, 2), -50.0)])
