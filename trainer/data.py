@@ -10,8 +10,9 @@ Stages of one epoch, each bounded so that memory does not grow with the table:
    asyncpg connection and decode them (:mod:`harvester.decode`) into slots of shared memory: outside this process's
    GIL, so a training loop's Python does not slow them down. Up to ``2 x decode_workers + prefetch`` chunks are in
    flight or decoded ahead.
-3. **assemble** - in the consumer's thread, when it asks for the next batch: the decoded rows of each chunk, in the
-   epoch's order, are copied from shared memory into the batch's arrays (one copy of the pixels).
+3. **assemble** - in the thread that asks for the next batch: the decoded rows of each chunk, in the epoch's order,
+   are copied from shared memory into the batch's arrays (one copy of the pixels). Training reads the stream through
+   :func:`prefetch_to_device`, whose own thread does that copy and the placement on the device ahead of the step.
 
 A row whose image or mask does not decode (or is not 256 x 256, or vanished from the view since the ids were read) is
 skipped: logged at WARNING with its ``sample_id``, counted in :attr:`SampleStream.skipped`, and its place taken by the
