@@ -156,9 +156,14 @@ def run_bench(database_url: str, samples: int, batch_size: int = 32, workers: tu
     # A consumer that takes each batch in 1.5 x the time the loader needs for it (a GPU step's stand-in): an
     # ideal pipeline never keeps it waiting; a drained one does at each epoch boundary.
     pace = 1.5 * batch_size / median[str(workers[-1])].samples_per_s
-    paced = {mode: [measure_loader(database_url, batch_size, workers[-1], samples=samples, pace_s=pace,
-                                   continuous=mode == "continuous").wait_fraction for _ in range(rounds)]
-             for mode in ("continuous", "epoch by epoch")}
+    # "to device": the continuous stream read as training reads it, through prefetch_to_device (copies and
+    # placement on its thread, off the consumer's next())
+    modes = {"continuous": {}, "epoch by epoch": {"continuous": False}, "to device": {"to_device": True}}
+    paced: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode, options in modes.items():
+            paced[mode].append(measure_loader(database_url, batch_size, workers[-1], samples=samples, pace_s=pace,
+                                              **options).wait_fraction)
     results["paced"] = {"pace_ms": pace * 1e3, "workers": workers[-1],
                         **{mode: sorted(w)[len(w) // 2] for mode, w in paced.items()}}
     results["load_average_after"] = os.getloadavg()[0]
@@ -184,7 +189,8 @@ def _print_report(results: dict[str, Any]) -> None:
     p = results["paced"]
     print(f"a consumer taking {p['pace_ms']:.1f} ms a batch (1.5 x the loader's time, {p['workers']} workers) waited"
           f" for data {100 * p['continuous']:.1f} % of the time with one stream through the epochs,"
-          f" {100 * p['epoch by epoch']:.1f} % reading one epoch at a time")
+          f" {100 * p['epoch by epoch']:.1f} % reading one epoch at a time, {100 * p['to device']:.1f} % through"
+          " prefetch_to_device as training reads it")
     print("CPU ms/sample: this process only (workers and PostgreSQL not counted). PostgreSQL backend CPU:"
           f" {results['server_cpu_ms_per_sample'] or float('nan'):.2f} ms/sample. Target: 2 workers >= 2x baseline.")
 

@@ -86,12 +86,14 @@ class LoaderMeasure:
 
 def measure_loader(database_url: str, batch_size: int, workers: int, *, samples: int = 2000, prefetch: int = 4,
                    gil_hog: bool = False, split: str = TRAIN_SPLIT, continuous: bool = True,
-                   pace_s: float = 0.0) -> LoaderMeasure:
+                   pace_s: float = 0.0, to_device: bool = False) -> LoaderMeasure:
     """:class:`SampleStream` (shuffled) over at least ``samples`` samples of ``split``, epochs one after another:
     one :meth:`~SampleStream.batches` stream, or with ``continuous`` False one :meth:`~SampleStream.epoch` at a
     time (the pipeline drained and refilled at each boundary: what training did before). ``pace_s``: the consumer
     spends that long on each batch (sleeping, GIL released: a GPU step's stand-in); ``wait_fraction`` then says how
-    much of the time it waited for data beyond that."""
+    much of the time it waited for data beyond that. ``to_device``: read through :func:`~trainer.data.prefetch_to_device`
+    (2 batches ahead, onto jax's default device) as training does, the copies out of shared memory and the placement
+    on its thread; else the host batches straight from the stream, copied in the consumer's ``next()``."""
     from .data import SampleStream
 
     # As the default training reads it: without border targets (trainer.train derives them only when used).
@@ -103,6 +105,16 @@ def measure_loader(database_url: str, batch_size: int, workers: int, *, samples:
             batches = stream.batches(0)  # epoch after epoch, as training reads them
         else:
             batches = ((e, b) for e in itertools.count() for b in stream.epoch(e))
+        if to_device:
+            from .data import prefetch_to_device
+
+            batches = prefetch_to_device((b for _, b in batches), size=2)  # closing it closes the stream's
+
+            def valid_rows(item: dict) -> int:
+                return int((item["sample_ids"] >= 0).sum())  # host-side: no wait for the device
+        else:
+            def valid_rows(item: tuple) -> int:
+                return int(item[1].valid.sum())
         try:
             next(batches)  # warm PostgreSQL's cache, the workers and the decoders
             with hog_gil() if gil_hog else contextlib.nullcontext():
@@ -110,7 +122,7 @@ def measure_loader(database_url: str, batch_size: int, workers: int, *, samples:
                 start, cpu = time.perf_counter(), time.process_time()
                 while seen < samples:
                     asked = time.perf_counter()
-                    seen += int(next(batches)[1].valid.sum())
+                    seen += valid_rows(next(batches))
                     waited += time.perf_counter() - asked
                     if pace_s:
                         time.sleep(pace_s)

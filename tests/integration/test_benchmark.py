@@ -82,3 +82,16 @@ def test_cache_directory_resolution(monkeypatch, tmp_path):
     assert compile_cache.resolve(str(tmp_path / "flag")) == tmp_path / "flag"
     with pytest.raises(ConfigError, match="--compilation-cache"):
         compile_cache.resolve(" ")
+
+
+@pytest.mark.parametrize("to_device", [False, True])
+def test_measure_loader_read_directly_or_through_prefetch_to_device(migrated_database_url, to_device):
+    """``to_device``: the stream read as training reads it (prefetch_to_device's thread); both stop their threads."""
+    import threading
+
+    from trainer.benchmark import measure_loader
+
+    asyncio.run(_populate(migrated_database_url, 50))  # 30 rows in split train
+    measure = measure_loader(migrated_database_url, 4, 1, samples=40, pace_s=0.001, to_device=to_device)
+    assert measure.samples_per_s > 0 and 0 <= measure.wait_fraction <= 1
+    assert not [t for t in threading.enumerate() if t.name == "tilesmith-prefetch"]
