@@ -17,8 +17,8 @@ then, on the GPU host (the device tool: carry ``.whl`` and ``.gpu-data``)::
 
 ``--quality`` runs the model-quality run of issue 11 instead (its own call: under 8 minutes on an H100/H200): the
 Dubai crops of ``Tile_1``-``Tile_7`` (945) to train, ``Tile_8`` (360) to test, decoded from the JPEGs on the host;
-each recipe of :data:`QUALITY_RECIPES` trained from scratch for ``--train-steps`` steps (default 2,500) at batch 32,
-base 32, then its test IoU, F1, precision, recall and object F1, with and without 8-fold TTA, printed as the issue's
+each recipe of :data:`DEFAULT_RECIPES` (``--recipes``: others of :data:`QUALITY_RECIPES`, or ``all``) trained
+from scratch for ``--train-steps`` steps (default 2,500) at batch 32, base 32, then its test IoU, F1, precision, recall and object F1, with and without 8-fold TTA, printed as the issue's
 table (the all-building baseline beside)::
 
     PYTHONUNBUFFERED=1 python3 bench/gpu_report.py --quality --data .gpu-data/dubai-aerial --out $OUT/quality.json
@@ -327,8 +327,15 @@ QUALITY_RECIPES = [
 ]
 
 
+# what --quality trains without --recipes: the open questions, within the 8 minutes of one call (~80 s a recipe)
+DEFAULT_RECIPES = ("residual", "residual + overlapping crops", "residual + Lovasz 1",
+                   "residual + overlapping crops + Lovasz 1")
+
+
 def recipe_options(names: list[str] | None) -> list[tuple[str, dict]]:
-    """The selected recipes of :data:`QUALITY_RECIPES` (all when ``names`` is None); an unknown name is an error."""
+    """The named recipes of :data:`QUALITY_RECIPES` (``None``: :data:`DEFAULT_RECIPES`; ``["all"]``: every one);
+    an unknown name is an error."""
+    names = list(DEFAULT_RECIPES) if names is None else None if names == ["all"] else names
     known = dict(QUALITY_RECIPES)
     unknown = [n for n in names or [] if n not in known]
     if unknown:
@@ -409,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", action="store_true", help="the model-quality run (issue 11) instead")
     parser.add_argument("--lr", type=float, default=1e-3, help="--quality: peak learning rate (default 1e-3)")
     parser.add_argument("--recipes", help="--quality: the recipes to train, comma-separated names of "
-                        "QUALITY_RECIPES (default all)")
+                        f"QUALITY_RECIPES, or all (default: {', '.join(DEFAULT_RECIPES)})")
     parser.add_argument("--baseline-code", type=Path, help="a folder holding an earlier trainer package: its train "
                         "step is benchmarked too, in the same run (e.g. git archive HEAD trainer | tar -x -C DIR)")
     parser.add_argument("--no-training", action="store_true", help="leave the short training out (a --quality run "
