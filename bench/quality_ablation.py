@@ -51,6 +51,8 @@ ROWS = [
                                                                        "1.5"], []),  # 8
     ("split + residual blocks + Lovasz hinge 1", "new", ["--no-borders", "--residual", "--separation-weight", "0",
                                                         "--lovasz-weight", "1"], []),  # 9
+    ("split + residual blocks + Lovasz hinge 0.2", "new", ["--no-borders", "--residual", "--separation-weight", "0",
+                                                          "--lovasz-weight", "0.2"], []),  # 10
 ]
 
 
