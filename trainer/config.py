@@ -63,7 +63,8 @@ class TrainConfig:
     border_dice_weight: float = 0.0
     # The building BCE of a border/gap pixel weighs 1 + separation_weight (the U-Net paper's weight map); 0 = off.
     separation_weight: float = 0.0
-    # Weight of the Lovasz hinge of the building output (a surrogate of 1 - IoU, over the batch) added to the loss; 0 = off.
+    # Weight of the Lovasz hinge of the building output (a surrogate of 1 - IoU, over the batch's pixels) added to the
+    # loss; 0 = off.
     lovasz_weight: float = 0.0
     # Residual U-Net blocks (each block's input added to its output, 1x1 projection where the width changes).
     residual: bool = True
