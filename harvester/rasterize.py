@@ -25,14 +25,12 @@ ring the even-odd scan line and the OGC "inside" disagree.
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 from collections.abc import Sequence
 
 import numpy as np
 import shapely
-from PIL import Image
 
 from .tiles import Tile, lonlat_bounds, pixel_grid, to_mercator
 
