@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import glob
 import json
+import re
 import sys
 import tempfile
 import time
@@ -69,14 +70,14 @@ def patched(variant: str):
         compiled_functions.cache_clear()
 
 
-def run_variant(variant: str, base: int, batch: int, steps: int) -> dict:
+def run_variant(variant: str, base: int, batch: int, steps: int, on_compiled=None) -> dict:
     from trainer.benchmark import step_benchmark
 
     options = {"augment": False} if variant == "noaug" else {"residual": False} if variant == "plain" else {}
     if variant.startswith("batch="):
         batch = int(variant.split("=", 1)[1])
     with patched(variant):
-        return step_benchmark(base, batch, steps, options=options)
+        return step_benchmark(base, batch, steps, options=options, on_compiled=on_compiled)
 
 
 def kernel_class(name: str) -> str:
@@ -132,25 +133,8 @@ def summarise_trace(trace_dir: str, top: int, hlo_lines: dict[str, str] | None =
             "kernels": len(per_name), "other_lines": sorted(set(lines_seen))}
 
 
-def optimized_hlo_lines(base: int, batch: int, steps: int) -> dict[str, str]:
-    """Instruction name -> its line in the optimized program of the default step as ``step_benchmark(base, batch,
-    steps)`` compiles it (the same program: a cache hit)."""
-    import re
-
-    import jax
-    import numpy as np
-
-    from trainer.config import TrainConfig
-    from trainer.steps import StepSpec, batch_sharded, compiled_functions, make_mesh
-
-    config = TrainConfig(steps=steps + 1, batch_size=batch, base_filters=base)
-    mesh = make_mesh(batch)
-    _, _, init, step = compiled_functions(StepSpec.of(config, steps + 1), mesh)
-    sharding = batch_sharded(mesh)
-    shapes = {"images": ((batch, 256, 256, 3), np.uint8), "masks": ((batch, 256, 256), np.uint8),
-              "borders": ((batch, 256, 256), np.uint8), "valid": ((batch,), np.bool_)}
-    abstract = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
-    text = step.lower(jax.eval_shape(init), abstract).compile().as_text()
+def hlo_lines(text: str) -> dict[str, str]:
+    """Instruction name -> the rest of its line, in an optimized program's text (``Compiled.as_text()``)."""
     lines = {}
     for line in text.splitlines():
         match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)", line)
@@ -164,17 +148,14 @@ def profile_default(base: int, batch: int, steps: int, top: int) -> dict:
 
     trace_dir = tempfile.mkdtemp(prefix="tilesmith-step-trace-")
     run_variant("default", base, batch, 2)  # compiled (cache) and warm before the trace
+    programs: list[str] = []  # the optimized program of the traced step itself
     jax.profiler.start_trace(trace_dir)
     try:
-        row = run_variant("default", base, batch, steps)
+        row = run_variant("default", base, batch, steps, on_compiled=lambda compiled: programs.append(
+            compiled.as_text()))
     finally:
         jax.profiler.stop_trace()
-    try:
-        hlo_lines = optimized_hlo_lines(base, batch, steps)
-    except Exception as exc:  # noqa: BLE001 - the kernel table stands without the program's lines
-        print(f"optimized program not read: {exc}", flush=True)
-        hlo_lines = {}
-    summary = summarise_trace(trace_dir, top, hlo_lines)
+    summary = summarise_trace(trace_dir, top, hlo_lines(programs[0]))
     summary["steps_traced"] = steps + 1
     summary["images_per_s_while_traced"] = row["images_per_s"]
     return summary

@@ -16,8 +16,9 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -27,9 +28,11 @@ TRAIN_SPLIT = "train"
 
 
 def step_benchmark(base_filters: int, batch_size: int, steps: int, *, depth: int = 4, compute_dtype: str = "auto",
-                   peak_tflops: float | None = None, options: dict | None = None) -> dict:
+                   peak_tflops: float | None = None, options: dict | None = None,
+                   on_compiled: Callable[[Any], None] | None = None) -> dict:
     """Time ``steps`` train steps (after one untimed warm-up step); one JSON-ready dict (SPEC: trainer benchmark).
-    ``options``: further :class:`~trainer.config.TrainConfig` fields (e.g. ``augment``), for experiments."""
+    ``options``: further :class:`~trainer.config.TrainConfig` fields (e.g. ``augment``), for experiments;
+    ``on_compiled``: called with the compiled step that is timed (e.g. to read its optimized program)."""
     import jax
     import jax.numpy as jnp
 
@@ -54,6 +57,8 @@ def step_benchmark(base_filters: int, batch_size: int, steps: int, *, depth: int
     started = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - started
+    if on_compiled is not None:
+        on_compiled(compiled)
     state, metrics = compiled(state, batch)  # warm-up: the first run allocates
     jax.block_until_ready(metrics)
     started = time.perf_counter()
