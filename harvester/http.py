@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import aiohttp
 
 from .errors import UpstreamError
-from .limits import SPACING_MARGIN, Limiter, LocalLimiter, SharedBudget, spacing
+from .limits import Limiter, LocalLimiter, SharedBudget, spacing
 
 log = logging.getLogger(__name__)
 

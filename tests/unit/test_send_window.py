@@ -9,7 +9,8 @@ import pytest
 from aiohttp import web
 from aiolimiter import AsyncLimiter
 
-from harvester.http import SPACING_MARGIN, SendWindow, Upstream, send_time_trace
+from harvester.http import SendWindow, Upstream, send_time_trace
+from harvester.limits import SPACING_MARGIN
 from tests.fakes.faults import max_in_window
 from tests.fakes.threaded import AppThread
 
