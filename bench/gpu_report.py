@@ -61,21 +61,146 @@ DATASET_TABLE = """CREATE TABLE dataset (
 # ---------------------------------------------------------------------------------------------------- set-up
 
 
-def prepare(python_version: str, data: Path) -> int:
-    """Here: download the wheels the GPU host lacks into .whl/ and copy the dubai-aerial folder into .gpu-data/
-    (both git-ignored: they travel only where the device call names them in ``carry``)."""
+def prepare(python_version: str, data: Path, kampala: Path) -> int:
+    """Here: download the wheels the GPU host lacks into .whl/, copy the dubai-aerial folder into .gpu-data/ (its
+    masks reduced to the building colour: :func:`copy_dubai`) and, where ``kampala`` holds kampala-oam, its harvest
+    (:func:`export_kampala`). Both folders are git-ignored: they travel only where the device call names them in
+    ``carry``."""
     WHEELS.mkdir(exist_ok=True)
     platforms = [f"--platform=manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 34)] + ["--platform=manylinux2014_x86_64"]
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                     f"--python-version={python_version}", "--implementation=cp", *platforms, "-d", str(WHEELS),
                     *CARRIED], check=True)
-    target = GPU_DATA / "dubai-aerial"
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(data, target)
+    copy_dubai(data, GPU_DATA / "dubai-aerial")
+    if (kampala / "labels.geojson").is_file():
+        print(f"kampala: {export_kampala(kampala, GPU_DATA / 'kampala')} samples harvested and written")
+    else:
+        print(f"kampala: {kampala} not found, left out")
     size = sum(p.stat().st_size for p in [*WHEELS.rglob("*"), *GPU_DATA.rglob("*")] if p.is_file())
     print(f"carry .whl and .gpu-data: {size / 2**20:.1f} MiB (the limit is 64 MiB with the working tree)")
     return 0
+
+
+def copy_dubai(data: Path, target: Path) -> None:
+    """dubai-aerial's images as they are, its masks as 2-colour palette PNGs: the building colour where the mask
+    has it, black elsewhere. The quality run reads nothing else of a mask (:func:`dubai_crops`), and the masks
+    shrink from 6.5 to under 1 MB, which leaves room under the carry limit for Kampala."""
+    import numpy as np
+    from PIL import Image
+
+    if target.exists():
+        shutil.rmtree(target)
+    for image in sorted(data.glob("Tile_*/images/*.jpg")):
+        mask = image.parent.parent / "masks" / f"{image.stem}.png"
+        if not mask.is_file():
+            continue
+        folder = target / image.parent.parent.name
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "masks").mkdir(exist_ok=True)
+        shutil.copyfile(image, folder / "images" / image.name)
+        with Image.open(mask) as f:
+            building = (np.asarray(f.convert("RGB")) == DUBAI_BUILDING_RGB).all(axis=-1)
+        compact = Image.fromarray(building.astype(np.uint8), "P")
+        compact.putpalette([0, 0, 0, *DUBAI_BUILDING_RGB])
+        compact.save(folder / "masks" / mask.name, optimize=True)
+
+
+# the columns of the `dataset` view a sample carries to the GPU host (its plain table has them: DATASET_TABLE)
+SAMPLE_COLUMNS = ("provider", "zoom", "tile_x", "tile_y", "lon", "lat", "split", "image_format", "building_pixels",
+                  "building_count")
+SAMPLE_BLOBS = ("image", "mask", "instances")
+
+
+def export_kampala(root: Path, target: Path) -> int:
+    """Here, where PostGIS runs: harvest kampala-oam through the harvester (:mod:`bench.harvest_kampala`: its tiles
+    and OSM labels from local stand-ins), split it by block as the CPU runs do, and write every sample of the
+    ``dataset`` view to ``target``: ``samples.json`` (the columns of :data:`SAMPLE_COLUMNS`, per sample) and each
+    sample's stored bytes (``N.image``, ``N.mask``, ``N.instances``), unchanged but for the PNG tiles, written as
+    lossless WebP (:func:`lossless_webp`). The GPU host has no PostGIS to
+    harvest with; :func:`load_samples` puts them back into a plain table there. Returns the number of samples."""
+    import asyncpg
+
+    if str(REPO_ROOT) not in sys.path:  # run as a script: bench/ is on the path, the project root is not
+        sys.path.insert(0, str(REPO_ROOT))
+    from bench.harvest_kampala import apply_block_splits, harvest_kampala
+    from tests.databases import TempDatabase
+
+    async def export() -> int:
+        async with TempDatabase(prefix="tilesmith_gpu_kampala", migrate=True) as url:
+            await asyncio.to_thread(harvest_kampala, url, root)
+            await apply_block_splits(url)
+            conn = await asyncpg.connect(url)
+            try:
+                rows = await conn.fetch(f"SELECT {', '.join(SAMPLE_COLUMNS + SAMPLE_BLOBS)} FROM dataset"
+                                        " ORDER BY zoom, tile_x, tile_y")
+            finally:
+                await conn.close()
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        samples = []
+        for i, row in enumerate(rows):
+            sample, blobs = {k: row[k] for k in SAMPLE_COLUMNS}, {k: row[k] for k in SAMPLE_BLOBS}
+            if sample["image_format"] == "png":
+                sample["image_format"], blobs["image"] = "webp", lossless_webp(blobs["image"])
+            for kind, data in blobs.items():
+                if data is not None:
+                    (target / f"{i}.{kind}").write_bytes(data)
+            samples.append(sample)
+        (target / "samples.json").write_text(json.dumps(samples))
+        return len(rows)
+
+    return asyncio.run(export())
+
+
+def lossless_webp(png: bytes) -> bytes:
+    """A PNG tile as a lossless WebP of the same RGB pixels (checked), ~0.57 of the size for Kampala's aerial tiles:
+    what lets Kampala travel beside Dubai under the carry limit. An alpha channel is dropped, as the trainer's decoder
+    (harvester.decode.decode_image) drops it."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        rgb = image.convert("RGB")
+    out = io.BytesIO()
+    rgb.save(out, "WEBP", lossless=True, quality=100, method=4)
+    with Image.open(io.BytesIO(out.getvalue())) as back:
+        if not np.array_equal(np.asarray(back.convert("RGB")), np.asarray(rgb)):
+            raise RuntimeError("lossless WebP did not give back the same pixels")
+    return out.getvalue()
+
+
+def load_samples(admin_url: str, folder: Path, name: str, split_of=lambda split: split) -> str:
+    """The samples written by :func:`export_kampala` in ``folder``, as they were, into a new database ``name``'s
+    plain ``dataset`` table, each in split ``split_of(its split)`` (None: left out). Returns its URL."""
+    import asyncpg
+
+    samples = json.loads((folder / "samples.json").read_text())
+
+    def blob(i: int, kind: str) -> bytes | None:
+        path = folder / f"{i}.{kind}"
+        return path.read_bytes() if path.is_file() else None
+
+    rows = [tuple(s[k] for k in SAMPLE_COLUMNS[:6]) + (split,) + tuple(s[k] for k in SAMPLE_COLUMNS[7:])
+            + tuple(blob(i, kind) for kind in SAMPLE_BLOBS)
+            for i, s in enumerate(samples) if (split := split_of(s["split"])) is not None]
+
+    async def fill() -> None:
+        admin = await asyncpg.connect(admin_url)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name}")
+            await admin.execute(f"CREATE DATABASE {name}")
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(database_url(admin_url, name))
+        try:
+            await conn.execute(DATASET_TABLE)
+            await conn.copy_records_to_table("dataset", records=rows, columns=[*SAMPLE_COLUMNS, *SAMPLE_BLOBS])
+        finally:
+            await conn.close()
+
+    asyncio.run(fill())
+    return database_url(admin_url, name)
 
 
 def install_carried_wheels() -> None:
@@ -363,11 +488,11 @@ def recipe_options(names: list[str] | None) -> list[tuple[str, dict]]:
     return [(n, o) for n, o in QUALITY_RECIPES if names is None or n in names]
 
 
-def quality_run(urls: dict[str, str], *, base: int, depth: int, batch: int, steps: int, workers: int, lr: float,
-                recipes: list[str] | None = None, curve_every: int = 0) -> list[dict]:
+def quality_run(urls: dict[str, str], recipes: list[tuple[str, dict]], *, base: int, depth: int, batch: int,
+                steps: int, workers: int, lr: float, curve_every: int = 0) -> list[dict]:
     """Each recipe trained and tested on ``urls[its "data"]`` (``grid`` unless it names ``overlap``)."""
     rows = []
-    for name, options in recipe_options(recipes):
+    for name, options in recipes:
         options = dict(options)
         url = urls[options.pop("data", "grid")]
         width = base * options.pop("width_factor", 1)
@@ -381,32 +506,35 @@ def quality_run(urls: dict[str, str], *, base: int, depth: int, batch: int, step
 
 
 def print_quality_table(report: dict) -> None:
-    print(f"\n== quality run: {report['device']} ({report['backend']}), Dubai Tile_1-7 train ({report['train_samples']}"
-          f" crops), Tile_8 test{' (QUICK: toy sizes, figures mean nothing)' if report['quick'] else ''}")
-    print("| U-Net | test IoU | F1 | precision | recall | object F1 (SpaceNet, IoU >= 0.5) | steps | train s |"
-          " train crops | data wait |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in report["quality"]:
-        for prefix, tag in (("test_", ""), ("tta_test_", " + 8-fold TTA")):
-            if prefix + "iou" in r:
-                print(f"| {r['recipe']}{tag}, base {r['base_filters']} | {r[prefix + 'iou']:.3f} | {r[prefix + 'f1']:.3f} |"
-                      f" {r[prefix + 'precision']:.3f} | {r[prefix + 'recall']:.3f} | {r[prefix + 'object_f1']:.3f} |"
-                      f" {r['steps']} | {r['train_s']:.0f} | {r['train_samples']} |"
-                      f" {100 * r['data_wait_fraction']:.1f} % |")
-    print(f"| every pixel \"building\" | {report['all_building_iou']:.3f} | | | | | | | | |")
-    print("object F1 with predicted buildings under N pixels left out (evaluate --min-area N):")
-    for r in report["quality"]:
-        for prefix, tag in (("test_", ""), ("tta_test_", " + TTA")):
-            areas = [(a, r.get(f"{prefix}object_f1_min_area_{a}")) for a in MIN_AREAS]
-            if prefix + "iou" in r and areas[0][1] is not None:
-                print(f"  {r['recipe']}{tag}: " + ", ".join(f"N={a}: {f1:.3f}" for a, f1 in areas))
-    curves = [r for r in report["quality"] if r.get("curve")]
-    if curves:
-        print("test IoU / object F1 along each run (no TTA; nothing selected on it):")
-    for r in curves:
-        points = r["curve"] + [{"step": r["steps"], "iou": r["test_iou"], "object_f1": r["test_object_f1"]}]
-        print(f"  {r['recipe']}: " + ", ".join(f"step {p['step']}: {p['iou']:.3f} / {p['object_f1']:.3f}"
-                                             for p in points))
+    quick = " (QUICK: toy sizes, figures mean nothing)" if report["quick"] else ""
+    for dataset, about in report["datasets"].items():
+        rows = [r for r in report["quality"] if r["dataset"] == dataset]
+        print(f"\n== quality run: {report['device']} ({report['backend']}), {about['what']}: {about['train_samples']}"
+              f" train crops, {about['test_samples']} test{quick}")
+        print("| U-Net | test IoU | F1 | precision | recall | object F1 (SpaceNet, IoU >= 0.5) | steps | train s |"
+              " train crops | data wait |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            for prefix, tag in (("test_", ""), ("tta_test_", " + 8-fold TTA")):
+                if prefix + "iou" in r:
+                    print(f"| {r['recipe']}{tag}, base {r['base_filters']} | {r[prefix + 'iou']:.3f} |"
+                          f" {r[prefix + 'f1']:.3f} | {r[prefix + 'precision']:.3f} | {r[prefix + 'recall']:.3f} |"
+                          f" {r[prefix + 'object_f1']:.3f} | {r['steps']} | {r['train_s']:.0f} | {r['train_samples']} |"
+                          f" {100 * r['data_wait_fraction']:.1f} % |")
+        print(f"| every pixel \"building\" | {about['all_building_iou']:.3f} | | | | | | | | |")
+        print("object F1 with predicted buildings under N pixels left out (evaluate --min-area N):")
+        for r in rows:
+            for prefix, tag in (("test_", ""), ("tta_test_", " + TTA")):
+                areas = [(a, r.get(f"{prefix}object_f1_min_area_{a}")) for a in MIN_AREAS]
+                if prefix + "iou" in r and areas[0][1] is not None:
+                    print(f"  {r['recipe']}{tag}: " + ", ".join(f"N={a}: {f1:.3f}" for a, f1 in areas))
+        curves = [r for r in rows if r.get("curve")]
+        if curves:
+            print("test IoU / object F1 along each run (no TTA; nothing selected on it):")
+        for r in curves:
+            points = r["curve"] + [{"step": r["steps"], "iou": r["test_iou"], "object_f1": r["test_object_f1"]}]
+            print(f"  {r['recipe']}: " + ", ".join(f"step {p['step']}: {p['iou']:.3f} / {p['object_f1']:.3f}"
+                                                 for p in points))
     print(f"{report['seconds']:.0f} s in all")
 
 
@@ -444,7 +572,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", action="store_true", help="the model-quality run (issue 11) instead")
     parser.add_argument("--lr", type=float, default=1e-3, help="--quality: peak learning rate (default 1e-3)")
     parser.add_argument("--curve-every", type=int, help="--quality: test metrics every N steps of each run too "
-                        "(default 1000; quick 2; 0: off)")
+                        "(default: a fifth of the run, quick: half; 0: off)")
+    parser.add_argument("--datasets", default="dubai", help="--quality: comma-separated, among "
+                        f"{', '.join(DATASETS)} (default dubai)")
+    parser.add_argument("--kampala-data", type=Path, default=GPU_DATA / "kampala", help="--quality: the Kampala "
+                        "samples written by --prepare")
+    parser.add_argument("--kampala-steps", type=int, help="--quality: steps of each Kampala recipe (default 500, "
+                        "about 130 epochs of its 126 training tiles; quick 4)")
     parser.add_argument("--recipes", help="--quality: the recipes to train, comma-separated names of "
                         f"QUALITY_RECIPES, or all (default: {', '.join(DEFAULT_RECIPES)})")
     parser.add_argument("--baseline-code", type=Path, help="a folder holding an earlier trainer package: its train "
@@ -455,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare:
         data = args.data if args.data.is_dir() and args.data != GPU_DATA / "dubai-aerial" else (
             REPO_ROOT.parent / "shared" / "data" / "dubai-aerial")
-        return prepare(args.python_version, data)
+        return prepare(args.python_version, data, REPO_ROOT.parent / "shared" / "data" / "kampala-oam")
     if not args.data.is_dir():
         print(f"error: {args.data} not found: run --prepare here, or pass --data", file=sys.stderr)
         return 2
@@ -506,24 +640,53 @@ def finish(report: dict, started: float, show, out: Path | None) -> int:
     return 0
 
 
+# Kampala's samples carry `instances` (harvested OSM footprints): there the border output has touching houses to
+# separate, which Dubai's masks never give it (README)
+KAMPALA_RECIPES = ("today", "residual", "residual + borders")
+DATASETS = {"dubai": "Dubai Tile_1-7 train, Tile_8 test",
+            "kampala": "Kampala (OAM tiles, OSM labels, harvested), 6 blocks train, 1 block test"}
+
+
 def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
-    """``--quality``: load Tile_1-7 as train and Tile_8 as test, train each recipe, print the issue's table."""
+    """``--quality``: per data set of ``--datasets``, load it (Dubai: Tile_1-7 train, Tile_8 test; Kampala: the
+    harvest of :func:`export_kampala`, its val block trained on too), train each recipe, print the issue's table."""
     import asyncpg
     import jax
 
-    if args.quick:  # a toy U-Net on 3 folders: proves the run end to end on a CPU
-        base, depth, batch, steps, folders, workers = 4, 2, 4, args.train_steps or 4, [2, 3, 8], 2
+    if args.quick:  # toy U-Nets, a few steps, Dubai on 3 folders: proves the run end to end on a CPU
+        base, depth, batch, workers = 4, 2, 4, 2
     else:
-        base, depth, batch, steps, folders, workers = 32, 4, 32, args.train_steps or 2500, None, min(16, os.cpu_count())
-    recipes = recipe_options(args.recipes.split(",") if args.recipes else None)
-    layouts = {"quality": quality_split}
-    if any(options.get("data") == "overlap" for _, options in recipes):
-        layouts["quality_overlap"] = overlap_split
-    urls = dict(zip(("grid", "overlap"), load_dubai(start_postgres(root), args.data, folders, layouts,
-                                                      stride=128 if len(layouts) > 1 else 256)))
-    url = urls["grid"]
+        base, depth, batch, workers = 32, 4, 32, min(16, os.cpu_count())
+    names = args.recipes.split(",") if args.recipes else None
+    chosen = args.datasets.split(",")
+    if unknown := [d for d in chosen if d not in DATASETS]:
+        print(f"error: --datasets: unknown {unknown}; known: {list(DATASETS)}", file=sys.stderr)
+        return 2
+    if "kampala" in chosen and not (args.kampala_data / "samples.json").is_file():
+        print(f"error: {args.kampala_data}/samples.json not found: run --prepare here (it harvests kampala-oam), or"
+              " pass --kampala-data", file=sys.stderr)
+        return 2
+    admin = start_postgres(root)
+    plans = {}  # data set -> (urls, recipes, steps)
+    if "dubai" in chosen:
+        recipes = recipe_options(names)
+        layouts = {"quality": quality_split}
+        if any(options.get("data") == "overlap" for _, options in recipes):
+            layouts["quality_overlap"] = overlap_split
+        urls = dict(zip(("grid", "overlap"), load_dubai(admin, args.data, [2, 3, 8] if args.quick else None, layouts,
+                                                          stride=128 if len(layouts) > 1 else 256)))
+        plans["dubai"] = (urls, recipes, args.train_steps or (4 if args.quick else 2500))
+    if "kampala" in chosen:
+        recipes = recipe_options(names or list(KAMPALA_RECIPES))
+        if any("data" in options for _, options in recipes):
+            print("error: --recipes: the overlapping crops are Dubai's; Kampala has its harvested tiles only",
+                  file=sys.stderr)
+            return 2
+        url = load_samples(admin, args.kampala_data, "quality_kampala",
+                           split_of=lambda split: "train" if split == "val" else split)
+        plans["kampala"] = ({"grid": url}, recipes, args.kampala_steps or (4 if args.quick else 500))
 
-    async def counts() -> dict:
+    async def counts(url: str) -> dict:
         conn = await asyncpg.connect(url)
         try:
             rows = await conn.fetch("SELECT split, count(*) AS n, sum(building_pixels)::float8 AS b FROM dataset"
@@ -532,17 +695,19 @@ def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
             await conn.close()
         return {r["split"]: (r["n"], r["b"] / (r["n"] * 256 * 256)) for r in rows}
 
-    splits = asyncio.run(counts())
-    print(f"postgres up, dubai loaded ({splits}): {time.perf_counter() - started:.0f} s", flush=True)
     device = jax.devices()[0]
     report = {"device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-              "cpus": os.cpu_count(), "quick": args.quick, "load_average": os.getloadavg()[0],
-              "train_samples": splits["train"][0], "test_samples": splits["test"][0],
-              "all_building_iou": splits["test"][1]}
-    report["quality"] = quality_run(urls, base=base, depth=depth, batch=batch, steps=steps, workers=workers,
-                                    lr=args.lr, recipes=args.recipes.split(",") if args.recipes else None,
-                                    curve_every=(2 if args.quick else 1000) if args.curve_every is None
-                                    else args.curve_every)
+              "cpus": os.cpu_count(), "quick": args.quick, "load_average": os.getloadavg()[0], "datasets": {},
+              "quality": []}
+    for dataset, (urls, recipes, steps) in plans.items():
+        splits = asyncio.run(counts(urls["grid"]))
+        print(f"postgres up, {dataset} loaded ({splits}): {time.perf_counter() - started:.0f} s", flush=True)
+        report["datasets"][dataset] = {"what": DATASETS[dataset], "train_samples": splits["train"][0],
+                                       "test_samples": splits["test"][0], "all_building_iou": splits["test"][1]}
+        curve_every = max(1, steps // (2 if args.quick else 5)) if args.curve_every is None else args.curve_every
+        rows = quality_run(urls, recipes, base=base, depth=depth, batch=batch, steps=steps, workers=workers,
+                           lr=args.lr, curve_every=curve_every)
+        report["quality"] += [{"dataset": dataset, **row} for row in rows]
     return finish(report, started, print_quality_table, args.out)
 
 
