@@ -4,14 +4,24 @@ variant pays the long compile), then one profiled run of the default step with t
 
 Variants (``--variants``, comma-separated): ``default``; ``batch=N``; ``noaug`` (no augmentation in the step);
 ``nonorm`` (GroupNorm replaced by the identity: the most any normalisation change could gain); ``chgn`` (GroupNorm
-computed from per-channel sums, the same function in another reduction order); ``plain`` (no residual blocks).
-Each prints one JSON line of :func:`trainer.benchmark.step_benchmark` with the variant's name and its ratio to the
-first variant. ``--profile N``: N profiled steps of the default step (after the variants), summarised from the
-trace's device planes: the share of device time of each kernel name (top ``--top``), and of four classes:
-convolutions (cuDNN/cuBLAS kernels), reductions, other XLA fusions, copies and the rest.
+computed from per-channel sums, the same function in another reduction order); ``plain`` (no residual blocks);
+``stem=N`` (the images' 3 channels zero-padded to N inside the model, before its first convolution, built for N
+input channels: the same function, without the 3-channel convolution that cuDNN pads; the FLOPs, so the MFU, still
+count 3 channels); ``xla:FLAG=VALUE[;FLAG=VALUE...]`` (the default step compiled with these XLA options, e.g.
+``xla:xla_gpu_autotune_level=0``: ``true``/``false`` read as booleans, numbers as numbers, no comma in a value;
+an option that JAX's persistent cache key leaves out, e.g. ``xla_dump_to``, acts only where the step is not
+cached yet). Every variant is checked before the first one runs: an unknown one, or an XLA option name or value
+that XLA rejects, stops the run with one line. Each prints one JSON line of
+:func:`trainer.benchmark.step_benchmark` with the variant's name and its ratio to the first variant.
+
+``--profile N``: N profiled steps of the default step (after the variants), summarised from the trace's device
+planes: the share of device time of each kernel name (top ``--top``), and of four classes: convolutions
+(cuDNN/cuBLAS kernels), reductions, other XLA fusions, copies and the rest; and per XLA instruction, with its line
+of the optimized program, operand shapes included (a convolution's input, kernel, output and window).
 
     python bench/step_profile.py --base-filters 32 --batch-size 128 --variants default,nonorm,chgn,noaug \\
         --profile 5 --out profile.json
+    python bench/step_profile.py --variants 'default,stem=8,stem=16,xla:xla_gpu_autotune_level=0'
 """
 
 from __future__ import annotations
@@ -50,34 +60,105 @@ def channel_sum_group_norm(self, x, *, mask=None):
     return (xf * a[:, None, None, :] + shift[:, None, None, :]).astype(self.dtype or x.dtype)
 
 
+def zero_padded(block_call):
+    """``ConvBlock.__call__`` that first pads its input's channels with zeros up to the input channels of the block's
+    first convolution (stem=N: the first block's 3 image channels, after the model's [0, 1] -> [-1, 1] map)."""
+    import jax.numpy as jnp
+
+    def call(self, x):
+        missing = self.conv1.in_features - x.shape[-1]
+        if missing:
+            x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, missing)])
+        return block_call(self, x)
+
+    return call
+
+
 @contextlib.contextmanager
 def patched(variant: str):
-    """The model patch a variant needs (GroupNorm replaced), undone after."""
+    """The model patch a variant needs (GroupNorm replaced; the first block built for, and fed, N channels), undone
+    after."""
     from flax import nnx
 
+    from trainer.model import ConvBlock, UNet
     from trainer.steps import compiled_functions
 
-    original = nnx.GroupNorm.__call__
+    originals = nnx.GroupNorm.__call__, UNet.__init__, ConvBlock.__call__
     if variant == "nonorm":
         nnx.GroupNorm.__call__ = lambda self, x, *, mask=None: x
     elif variant == "chgn":
         nnx.GroupNorm.__call__ = channel_sum_group_norm
+    elif variant.startswith("stem="):
+        channels, unet_init = int(variant.split("=", 1)[1]), UNet.__init__
+        UNet.__init__ = lambda self, **kwargs: unet_init(self, **{**kwargs, "in_channels": channels})
+        ConvBlock.__call__ = zero_padded(ConvBlock.__call__)
     compiled_functions.cache_clear()
     try:
         yield
     finally:
-        nnx.GroupNorm.__call__ = original
+        nnx.GroupNorm.__call__, UNet.__init__, ConvBlock.__call__ = originals
         compiled_functions.cache_clear()
 
 
-def run_variant(variant: str, base: int, batch: int, steps: int, on_compiled=None) -> dict:
+NAMED_VARIANTS = ("default", "noaug", "nonorm", "chgn", "plain")
+MIN_VALUE = {"batch": 1, "stem": 3}  # of batch=N and stem=N
+
+
+def option_value(text: str) -> bool | int | float | str:
+    """An XLA option's value from its text: XLA takes a boolean option only as a boolean (not "true" nor "1")."""
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def compiler_options(variant: str) -> dict | None:
+    """The XLA options of an ``xla:FLAG=VALUE[;FLAG=VALUE...]`` variant, ``None`` for any other variant; a
+    ValueError for a malformed one."""
+    if not variant.startswith("xla:"):
+        return None
+    options = {}
+    for item in variant[len("xla:"):].split(";"):
+        flag, _, value = item.partition("=")
+        if not (flag.isidentifier() and value):
+            raise ValueError(f"variant {variant!r}: expected xla:FLAG=VALUE[;FLAG=VALUE...], got {item!r}")
+        options[flag] = option_value(value)
+    return options
+
+
+def check_variants(variants: list[str]) -> None:
+    """A ValueError of one line for the first of ``variants`` that is not a known one, or whose XLA options XLA
+    rejects (an unknown name, a value of the wrong type: tried on a trivial program), so that a mistyped variant
+    stops the run before the first long compile rather than after the variants before it."""
+    import jax
+
+    for variant in variants:
+        kind, _, value = variant.partition("=")
+        if variant in NAMED_VARIANTS or (kind in MIN_VALUE and value.isdigit() and int(value) >= MIN_VALUE[kind]):
+            continue
+        options = compiler_options(variant)
+        if options is None:
+            raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(NAMED_VARIANTS)}, batch=N "
+                             f"(N >= 1), stem=N (N >= 3) or xla:FLAG=VALUE[;FLAG=VALUE...]")
+        try:
+            jax.jit(lambda x: x + 1).lower(0.0).compile(options)
+        except jax.errors.JaxRuntimeError as exc:
+            raise ValueError(f"variant {variant!r}: {' '.join(str(exc).split())}") from None
+
+
+def run_variant(variant: str, base: int, batch: int, steps: int, on_compiled=None, depth: int = 4) -> dict:
     from trainer.benchmark import step_benchmark
 
     options = {"augment": False} if variant == "noaug" else {"residual": False} if variant == "plain" else {}
     if variant.startswith("batch="):
         batch = int(variant.split("=", 1)[1])
     with patched(variant):
-        return step_benchmark(base, batch, steps, options=options, on_compiled=on_compiled)
+        return step_benchmark(base, batch, steps, depth=depth, options=options,
+                              compiler_options=compiler_options(variant), on_compiled=on_compiled)
 
 
 def kernel_class(name: str) -> str:
@@ -127,20 +208,38 @@ def summarise_trace(trace_dir: str, top: int, hlo_lines: dict[str, str] | None =
     ranked = sorted(per_name.items(), key=lambda kv: -kv[1])
     ops = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
     return {"device_ms": total / 1e6,
-            "top_ops": [{"op": k, "share": v / total, "ms": v / 1e6, "hlo": (hlo_lines or {}).get(k, "")[:300]}
+            "top_ops": [{"op": k, "share": v / total, "ms": v / 1e6, "hlo": (hlo_lines or {}).get(k, "")[:400]}
                         for k, v in ops], "classes": {k: v / total for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
             "top": [{"kernel": k[:160], "share": v / total, "ms": v / 1e6} for k, v in ranked[:top]],
             "kernels": len(per_name), "other_lines": sorted(set(lines_seen))}
 
 
 def hlo_lines(text: str) -> dict[str, str]:
-    """Instruction name -> the rest of its line, in an optimized program's text (``Compiled.as_text()``)."""
-    lines = {}
+    """Instruction name -> the rest of its line in an optimized program's text (``Compiled.as_text()``), each operand
+    preceded by its shape (the text names operands only), without the metadata and backend config that follow the
+    attributes: a convolution's line shows its input, kernel and output dims, window and dim_labels."""
+    lines, shapes = {}, {}
     for line in text.splitlines():
         match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)", line)
         if match:
-            lines[match.group(1)] = match.group(2)
-    return lines
+            name, rest = match.groups()
+            lines[name] = re.split(r", (?:metadata|backend_config)=", rest)[0]
+            shapes[name] = re.sub(r"\{[^}]*\}", "", leading_shape(rest))  # without its layout
+    return {name: re.sub(r"%([\w.\-]+)", lambda m: f"{shapes[m[1]]} {m[0]}" if m[1] in shapes else m[0], line)
+            for name, line in lines.items()}
+
+
+def leading_shape(rest: str) -> str:
+    """The shape that begins an instruction's line after its ``=``: up to the first space, or a parenthesised tuple
+    of shapes."""
+    if not rest.startswith("("):
+        return rest.split(" ", 1)[0]
+    depth = 0
+    for i, char in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            return rest[:i + 1]
+    return rest
 
 
 def profile_default(base: int, batch: int, steps: int, top: int) -> dict:
@@ -177,9 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     from trainer import compile_cache
 
     compile_cache.enable()
+    variants = args.variants.split(",")
+    try:
+        check_variants(variants)
+    except ValueError as exc:
+        parser.error(f"--variants: {exc}")
     report = {"base_filters": args.base_filters, "batch_size": args.batch_size, "variants": []}
     first = None
-    for variant in args.variants.split(","):
+    for variant in variants:
         started = time.perf_counter()
         row = run_variant(variant, args.base_filters, args.batch_size, args.steps)
         row.update(variant=variant, wall_s=time.perf_counter() - started)
@@ -198,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {100 * k['share']:5.1f} %  {k['ms']:8.2f} ms  {k['kernel']}")
         print("per XLA instruction:")
         for k in p["top_ops"]:
-            print(f"  {100 * k['share']:5.1f} %  {k['ms']:8.2f} ms  {k['op']}: {k['hlo'][:200]}")
+            print(f"  {100 * k['share']:5.1f} %  {k['ms']:8.2f} ms  {k['op']}: {k['hlo']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

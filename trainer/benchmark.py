@@ -29,10 +29,12 @@ TRAIN_SPLIT = "train"
 
 def step_benchmark(base_filters: int, batch_size: int, steps: int, *, depth: int = 4, compute_dtype: str = "auto",
                    peak_tflops: float | None = None, options: dict | None = None,
-                   on_compiled: Callable[[Any], None] | None = None) -> dict:
+                   compiler_options: dict | None = None, on_compiled: Callable[[Any], None] | None = None) -> dict:
     """Time ``steps`` train steps (after one untimed warm-up step); one JSON-ready dict (SPEC: trainer benchmark).
     ``options``: further :class:`~trainer.config.TrainConfig` fields (e.g. ``augment``), for experiments;
-    ``on_compiled``: called with the compiled step that is timed (e.g. to read its optimized program)."""
+    ``compiler_options``: XLA options of this compilation of the step (``Lowered.compile``'s, e.g.
+    ``{"xla_gpu_autotune_level": 0}``; XLA rejects an unknown name); ``on_compiled``: called with the compiled step
+    that is timed (e.g. to read its optimized program)."""
     import jax
     import jax.numpy as jnp
 
@@ -55,7 +57,7 @@ def step_benchmark(base_filters: int, batch_size: int, steps: int, *, depth: int
         "valid": np.ones(batch_size, bool),
     }, batch_sharded(mesh))
     started = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch).compile(compiler_options)
     compile_s = time.perf_counter() - started
     if on_compiled is not None:
         on_compiled(compiled)
