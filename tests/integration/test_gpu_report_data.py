@@ -1,0 +1,103 @@
+"""The data `bench/gpu_report.py --prepare` makes here for a GPU host, and what that host loads from it: the Dubai
+masks reduced to the building colour, and Kampala harvested here (PostGIS) and loaded there into a plain table
+(no PostGIS) that the trainer's input pipeline reads as it reads the harvested database."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench import gpu_report
+from tests.databases import ADMIN_URL, admin
+from trainer.data import SampleStream
+
+DUBAI_BUILDING_RGB = (60, 16, 152)  # shared/data/README.md
+
+
+def building(path) -> np.ndarray:
+    with Image.open(path) as f:
+        return (np.asarray(f.convert("RGB")) == DUBAI_BUILDING_RGB).all(axis=-1)
+
+
+def test_dubai_masks_travel_as_their_building_pixels(shared_data, tmp_path):
+    source = shared_data / "dubai-aerial"
+    if not source.is_dir():
+        pytest.skip(f"dubai-aerial not present at {source}")
+    one = tmp_path / "one" / "Tile_8"
+    for kind in ("images", "masks"):
+        (one / kind).mkdir(parents=True)
+    for name, kind in (("image_part_001.jpg", "images"), ("image_part_001.png", "masks")):
+        (one / kind / name).write_bytes((source / "Tile_8" / kind / name).read_bytes())
+
+    gpu_report.copy_dubai(tmp_path / "one", tmp_path / "out")
+
+    out = tmp_path / "out" / "Tile_8"
+    assert (out / "images" / "image_part_001.jpg").read_bytes() == (one / "images" / "image_part_001.jpg").read_bytes()
+    original, compact = one / "masks" / "image_part_001.png", out / "masks" / "image_part_001.png"
+    assert building(original).any()
+    np.testing.assert_array_equal(building(compact), building(original))
+    assert compact.stat().st_size < original.stat().st_size / 3
+    # what the GPU host cuts from it: the same crops and building pixels as from the original mask
+    crops = gpu_report.dubai_crops(out / "images" / "image_part_001.jpg", compact)
+    expected = building(original)
+    assert [(top, left, pixels) for top, left, _, _, pixels in crops] == [
+        (top, left, int(expected[top:top + 256, left:left + 256].sum())) for top, left, _, _, _ in crops]
+
+
+def test_lossless_webp_keeps_every_pixel():
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (256, 256, 4), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(png, "PNG")
+    webp = gpu_report.lossless_webp(png.getvalue())
+    with Image.open(io.BytesIO(webp)) as back:
+        assert back.format == "WEBP"
+        np.testing.assert_array_equal(np.asarray(back.convert("RGB")), rgba[..., :3])
+
+
+@pytest.mark.slow
+def test_kampala_harvested_here_is_read_there_as_harvested(shared_data, tmp_path):
+    root = shared_data / "kampala-oam"
+    if not (root / "labels.geojson").is_file():
+        pytest.skip(f"kampala-oam not present at {root}")
+    folder = tmp_path / "kampala"
+
+    assert gpu_report.export_kampala(root, folder) == 147
+
+    samples = json.loads((folder / "samples.json").read_text())
+    assert sorted({s["split"] for s in samples}) == ["test", "train", "val"]
+    assert sum(s["split"] == "test" for s in samples) == 21
+    by_tile = {}
+    for i, s in enumerate(samples):
+        # every tile's pixels as the source file holds them (PNG tiles travel as lossless WebP, JPEGs unchanged)
+        source = (root / f"OAM-{s['tile_x']}-{s['tile_y']}-{s['zoom']}.png").read_bytes()
+        with Image.open(io.BytesIO(source)) as f:
+            expected = np.asarray(f.convert("RGB"))
+        assert s["image_format"] == ("jpeg" if source[:2] == b"\xff\xd8" else "webp")
+        by_tile[(s["zoom"], s["tile_x"], s["tile_y"])] = (i, expected)
+        assert (folder / f"{i}.instances").is_file()  # harvested samples carry their instance maps
+
+    name = f"tilesmith_test_gpu_kampala_{os.getpid()}"
+    try:
+        url = gpu_report.load_samples(ADMIN_URL, folder, name, split_of=lambda split: "train" if split == "val" else split)
+        for split, count in (("train", 126), ("test", 21)):
+            with SampleStream(url, split, None, 8, shuffle=False, pad_last=True, decode_workers=1,
+                              borders=True) as stream:
+                assert len(stream) == count
+                seen = 0
+                for batch in stream.epoch(0):
+                    for k in np.flatnonzero(batch.valid):
+                        s = samples[int(batch.sample_ids[k]) - 1]  # sample ids follow the export's order
+                        i, expected = by_tile[(s["zoom"], s["tile_x"], s["tile_y"])]
+                        np.testing.assert_array_equal(batch.images[k], expected)
+                        assert int(batch.masks[k].sum()) == s["building_pixels"]
+                        seen += 1
+                assert seen == count and stream.skipped == 0
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
