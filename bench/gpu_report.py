@@ -15,12 +15,14 @@ then, on the GPU host (the device tool: carry ``.whl`` and ``.gpu-data``)::
 
     PYTHONUNBUFFERED=1 python3 bench/gpu_report.py --data .gpu-data/dubai-aerial --out $OUT/gpu_report.json
 
-``--quality`` runs the model-quality run of issue 11 instead (its own call: under 8 minutes on an H100/H200): the
-Dubai crops of ``Tile_1``-``Tile_7`` (945) to train, ``Tile_8`` (360) to test, decoded from the JPEGs on the host;
-each recipe of :data:`DEFAULT_RECIPES` (``--recipes``: others of :data:`QUALITY_RECIPES`, or ``all``) trained
-from scratch for ``--train-steps`` steps (default 2,500) at batch 32, base 32, then its test IoU, F1, precision, recall and object F1, with and without 8-fold TTA, printed as the issue's
-table (the all-building baseline beside), and the test IoU and object F1 every ``--curve-every`` steps of each run
-(default 1,000: where more steps stop paying, from one run)::
+``--quality`` runs the model-quality run of issue 11 instead (its own call: under 8 minutes on an H100/H200): per data
+set of ``--datasets``, Dubai (the crops of ``Tile_1``-``Tile_7``, 945, to train, ``Tile_8``, 360, to test, decoded
+from the JPEGs on the host) and Kampala (the harvest :func:`export_kampala` wrote here), each recipe (Dubai:
+:data:`DEFAULT_RECIPES`, Kampala: :data:`KAMPALA_RECIPES`; ``--recipes``: others of :data:`QUALITY_RECIPES`, or
+``all``) trained from scratch at batch 32, base 32 for ``--train-steps`` (default 2,500) or ``--kampala-steps`` (500),
+then its test IoU, F1, precision, recall and object F1, with and without 8-fold TTA, its IoU on its own training crops
+(how far it fits them), printed as the issue's table (the all-building baseline beside), and the test IoU and object
+F1 every ``--curve-every`` steps of each run (default: a fifth of the run; where more steps stop paying, from one run)::
 
     PYTHONUNBUFFERED=1 python3 bench/gpu_report.py --quality --data .gpu-data/dubai-aerial --out $OUT/quality.json
 
@@ -425,6 +427,10 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
                "options": options or {}, "train_samples": train_samples, "epochs_started": epoch,
                "images_per_s": (steps - 1) * batch / train_s, "data_wait_fraction": waited / train_s,
                "train_s": train_s, "curve": curve}
+        batches.close()  # the training crops once more, in order: how far the model fits them (against test)
+        with SampleStream(url, "train", None, batch, shuffle=False, pad_last=True, decode_workers=workers) as fit:
+            result = evaluate_stream(eval_fns[False], state.params, fit, mesh, objects=objects)
+        out.update({"train_" + k: v for k, v in result.items() if k != "per_zoom"})
         for with_tta in tta:
             # the object F1 again with predicted buildings under MIN_AREAS pixels left out (evaluate --min-area)
             by_area = {area: SegmentationMetrics(min_area=area) for area in (MIN_AREAS if objects else ())}
@@ -511,17 +517,18 @@ def print_quality_table(report: dict) -> None:
         rows = [r for r in report["quality"] if r["dataset"] == dataset]
         print(f"\n== quality run: {report['device']} ({report['backend']}), {about['what']}: {about['train_samples']}"
               f" train crops, {about['test_samples']} test{quick}")
-        print("| U-Net | test IoU | F1 | precision | recall | object F1 (SpaceNet, IoU >= 0.5) | steps | train s |"
-              " train crops | data wait |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| U-Net | test IoU | F1 | precision | recall | object F1 (SpaceNet, IoU >= 0.5) | train IoU | steps |"
+              " train s | train crops | data wait |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             for prefix, tag in (("test_", ""), ("tta_test_", " + 8-fold TTA")):
                 if prefix + "iou" in r:
                     print(f"| {r['recipe']}{tag}, base {r['base_filters']} | {r[prefix + 'iou']:.3f} |"
                           f" {r[prefix + 'f1']:.3f} | {r[prefix + 'precision']:.3f} | {r[prefix + 'recall']:.3f} |"
-                          f" {r[prefix + 'object_f1']:.3f} | {r['steps']} | {r['train_s']:.0f} | {r['train_samples']} |"
+                          f" {r[prefix + 'object_f1']:.3f} | {r['train_iou']:.3f} | {r['steps']} | {r['train_s']:.0f} |"
+                          f" {r['train_samples']} |"
                           f" {100 * r['data_wait_fraction']:.1f} % |")
-        print(f"| every pixel \"building\" | {about['all_building_iou']:.3f} | | | | | | | | |")
+        print(f"| every pixel \"building\" | {about['all_building_iou']:.3f} | | | | | | | | | |")
         print("object F1 with predicted buildings under N pixels left out (evaluate --min-area N):")
         for r in rows:
             for prefix, tag in (("test_", ""), ("tta_test_", " + TTA")):
