@@ -156,7 +156,7 @@ def export_kampala(root: Path, target: Path) -> int:
 
 
 def lossless_webp(png: bytes) -> bytes:
-    """A PNG tile as a lossless WebP of the same RGB pixels (checked), ~0.57 of the size for Kampala's aerial tiles:
+    """A PNG tile as a lossless WebP of the same RGB pixels (checked), ~0.59 of the size for Kampala's aerial tiles:
     what lets Kampala travel beside Dubai under the carry limit. An alpha channel is dropped, as the trainer's decoder
     (harvester.decode.decode_image) drops it."""
     import numpy as np
@@ -165,7 +165,7 @@ def lossless_webp(png: bytes) -> bytes:
     with Image.open(io.BytesIO(png)) as image:
         rgb = image.convert("RGB")
     out = io.BytesIO()
-    rgb.save(out, "WEBP", lossless=True, quality=100, method=4)
+    rgb.save(out, "WEBP", lossless=True, quality=100, method=1)  # 8x faster than 4, 3 % larger
     with Image.open(io.BytesIO(out.getvalue())) as back:
         if not np.array_equal(np.asarray(back.convert("RGB")), np.asarray(rgb)):
             raise RuntimeError("lossless WebP did not give back the same pixels")
