@@ -430,7 +430,7 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
         batches.close()  # the training crops once more, in order: how far the model fits them (against test)
         with SampleStream(url, "train", None, batch, shuffle=False, pad_last=True, decode_workers=workers) as fit:
             result = evaluate_stream(eval_fns[False], state.params, fit, mesh, objects=objects)
-        out.update({"train_" + k: v for k, v in result.items() if k != "per_zoom"})
+        out.update({"train_" + k: v for k, v in result.items() if k not in ("per_zoom", "samples")})
         for with_tta in tta:
             # the object F1 again with predicted buildings under MIN_AREAS pixels left out (evaluate --min-area)
             by_area = {area: SegmentationMetrics(min_area=area) for area in (MIN_AREAS if objects else ())}

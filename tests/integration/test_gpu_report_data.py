@@ -61,14 +61,32 @@ def test_lossless_webp_keeps_every_pixel():
         np.testing.assert_array_equal(np.asarray(back.convert("RGB")), rgba[..., :3])
 
 
-@pytest.mark.slow
-def test_kampala_harvested_here_is_read_there_as_harvested(shared_data, tmp_path):
-    root = shared_data / "kampala-oam"
+@pytest.fixture(scope="module")
+def kampala_export(tmp_path_factory):
+    from tests.conftest import SHARED_DATA
+
+    root = SHARED_DATA / "kampala-oam"
     if not (root / "labels.geojson").is_file():
         pytest.skip(f"kampala-oam not present at {root}")
-    folder = tmp_path / "kampala"
+    folder = tmp_path_factory.mktemp("gpu-data") / "kampala"
+    return root, folder, gpu_report.export_kampala(root, folder)
 
-    assert gpu_report.export_kampala(root, folder) == 147
+
+@pytest.fixture
+def kampala_database(kampala_export):
+    _, folder, _ = kampala_export
+    name = f"tilesmith_test_gpu_kampala_{os.getpid()}"
+    try:
+        yield gpu_report.load_samples(ADMIN_URL, folder, name,
+                                      split_of=lambda split: "train" if split == "val" else split)
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.mark.slow
+def test_kampala_harvested_here_is_read_there_as_harvested(kampala_export, kampala_database):
+    root, folder, count = kampala_export
+    assert count == 147
 
     samples = json.loads((folder / "samples.json").read_text())
     assert sorted({s["split"] for s in samples}) == ["test", "train", "val"]
@@ -83,21 +101,35 @@ def test_kampala_harvested_here_is_read_there_as_harvested(shared_data, tmp_path
         by_tile[(s["zoom"], s["tile_x"], s["tile_y"])] = (i, expected)
         assert (folder / f"{i}.instances").is_file()  # harvested samples carry their instance maps
 
-    name = f"tilesmith_test_gpu_kampala_{os.getpid()}"
-    try:
-        url = gpu_report.load_samples(ADMIN_URL, folder, name, split_of=lambda split: "train" if split == "val" else split)
-        for split, count in (("train", 126), ("test", 21)):
-            with SampleStream(url, split, None, 8, shuffle=False, pad_last=True, decode_workers=1,
-                              borders=True) as stream:
-                assert len(stream) == count
-                seen = 0
-                for batch in stream.epoch(0):
-                    for k in np.flatnonzero(batch.valid):
-                        s = samples[int(batch.sample_ids[k]) - 1]  # sample ids follow the export's order
-                        i, expected = by_tile[(s["zoom"], s["tile_x"], s["tile_y"])]
-                        np.testing.assert_array_equal(batch.images[k], expected)
-                        assert int(batch.masks[k].sum()) == s["building_pixels"]
-                        seen += 1
-                assert seen == count and stream.skipped == 0
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    for split, count in (("train", 126), ("test", 21)):
+        with SampleStream(kampala_database, split, None, 8, shuffle=False, pad_last=True, decode_workers=1,
+                          borders=True) as stream:
+            assert len(stream) == count
+            seen = 0
+            for batch in stream.epoch(0):
+                for k in np.flatnonzero(batch.valid):
+                    s = samples[int(batch.sample_ids[k]) - 1]  # sample ids follow the export's order
+                    i, expected = by_tile[(s["zoom"], s["tile_x"], s["tile_y"])]
+                    np.testing.assert_array_equal(batch.images[k], expected)
+                    assert int(batch.masks[k].sum()) == s["building_pixels"]
+                    seen += 1
+            assert seen == count and stream.skipped == 0
+
+
+@pytest.mark.slow
+def test_the_quality_run_trains_and_measures_each_recipe(kampala_database):
+    """The GPU session's quality run, at toy sizes on the CPU: each recipe trained, its test metrics with and
+    without TTA, along the run, and on its own training crops."""
+    recipes = gpu_report.recipe_options(["residual + borders"])
+    [row] = gpu_report.quality_run({"grid": kampala_database}, recipes, base=4, depth=2, batch=4, steps=4, workers=1,
+                                   lr=1e-3, curve_every=2)
+
+    assert row["recipe"] == "residual + borders" and row["options"]["borders"] is True
+    assert row["steps"] == 4 and row["train_samples"] == 126 and row["test_samples"] == 21
+    assert row["train_s"] > 0 and 0 <= row["data_wait_fraction"] < 1
+    assert [point["step"] for point in row["curve"]] == [2]  # every 2 steps before the last
+    assert row["curve"][0]["samples"] == 21  # the whole test split
+    for prefix in ("test_", "tta_test_", "train_"):
+        assert 0 <= row[prefix + "iou"] <= 1 and 0 <= row[prefix + "object_f1"] <= 1
+    for area in gpu_report.MIN_AREAS:
+        assert 0 <= row[f"test_object_f1_min_area_{area}"] <= 1
