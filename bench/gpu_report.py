@@ -608,10 +608,12 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import resolve_batch_size
 
     root = Path(tempfile.mkdtemp(prefix="tilesmith-gpu-report-"))
-    cache = root / "jax-cache"
-    compile_cache.enable(str(cache))
     if args.quality:
+        # the user's cache, as the trainer's (and step_profile's): a second call on the same host skips autotuning
+        compile_cache.enable()
         return quality_main(args, started, root)
+    cache = root / "jax-cache"  # a fresh one: the step rows time a first start, then a second start from it
+    compile_cache.enable(str(cache))
     if args.quick:
         bases, depth, steps, folders, workers, samples = [4, 8], 2, 2, [1, 7, 8], [1, 2], 200
         batches = {4: [2, 4], 8: [2, 4]}

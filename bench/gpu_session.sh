@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# The next GPU session's open questions (issues 9 and 11) in one device call of at most 600 s (~9 minutes on an
-# H200), each part under its own timeout so that a slow part leaves the others their time.
+# The next GPU session's open questions (issues 9 and 11) in two device calls of at most 600 s each (the second right
+# after the first, while the machine is still warm: about 13 minutes of device time with the start), each part under
+# its own timeout so that a slow part leaves the others their time.
 #
 #   here, first:  python bench/gpu_report.py --prepare     (.whl/ + .gpu-data/: git-ignored, ~52 MiB; carry both)
-#   there:        bash bench/gpu_session.sh                 (writes $OUT/*.json and *.log, prints the tables)
+#   there:        bash bench/gpu_session.sh 1               (~9 minutes: step_profile, then the Dubai quality run)
+#                 bash bench/gpu_session.sh 2               (~3 minutes: the Kampala quality run)
+#   each writes $OUT/*.json and *.log and prints the tables.
 #
 # 1. step_profile: whether the 3-channel input convolution (cuDNN pads it) is the slow sm80 kernel: the step with
 #    the images zero-padded to 8 and 16 channels, and a profile whose per-instruction lines name each convolution's
-#    shapes.
-# 2. gpu_report --quality: Dubai (3,000 steps; its 3 default recipes, with the test IoU along each run) and Kampala
-#    (OSM labels with instances: today / residual / residual + borders, 500 steps). Each recipe's row is printed as
-#    it finishes ("quality: {...}" in quality.log), so a timeout loses only the recipe it stopped.
+#    shapes. Then gpu_report --quality on Dubai: 3,000 steps of its 3 default recipes, with the test IoU along each
+#    run and the IoU on the training crops.
+# 2. gpu_report --quality on Kampala (OSM labels with instances): today / residual / residual + borders, 500 steps;
+#    XLA's autotuning results of part 1 are in the user's compilation cache, so its compiles are short.
+# Each recipe's row is printed as it finishes ("quality: {...}" in the log), so a timeout loses only the recipe it
+# stopped.
 #
-# QUICK=1 bash bench/gpu_session.sh runs the same at toy sizes (a CPU, a few minutes): proves the script here.
+# QUICK=1 bash bench/gpu_session.sh 1 (and 2) runs the same at toy sizes (a CPU, a few minutes): proves it here.
 set -u
+part=${1:-1}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -26,14 +32,29 @@ else
     quality=(--train-steps 3000)
 fi
 
-timeout 150 "$python" bench/step_profile.py "${profile[@]}" --variants default,stem=8,stem=16 --top 25 \
-    --out "$out/profile.json" > "$out/profile.log" 2>&1
-echo "step_profile: exit $?"
-timeout 400 "$python" bench/gpu_report.py --quality --datasets dubai,kampala "${quality[@]}" \
-    --out "$out/quality.json" > "$out/quality.log" 2>&1
-echo "gpu_report --quality: exit $?"
+case "$part" in
+1)
+    timeout 150 "$python" bench/step_profile.py "${profile[@]}" --variants default,stem=8,stem=16 --top 25 \
+        --out "$out/profile.json" > "$out/profile.log" 2>&1
+    echo "step_profile: exit $?"
+    timeout 420 "$python" bench/gpu_report.py --quality --datasets dubai "${quality[@]}" \
+        --out "$out/quality-dubai.json" > "$out/quality-dubai.log" 2>&1
+    echo "gpu_report --quality --datasets dubai: exit $?"
+    logs=("$out/profile.log" "$out/quality-dubai.log")
+    ;;
+2)
+    timeout 500 "$python" bench/gpu_report.py --quality --datasets kampala "${quality[@]}" \
+        --out "$out/quality-kampala.json" > "$out/quality-kampala.log" 2>&1
+    echo "gpu_report --quality --datasets kampala: exit $?"
+    logs=("$out/quality-kampala.log")
+    ;;
+*)
+    echo "usage: bash bench/gpu_session.sh 1|2" >&2
+    exit 2
+    ;;
+esac
 
-for log in "$out/profile.log" "$out/quality.log"; do
+for log in "${logs[@]}"; do
     echo "== $log"
     grep -v -e cuda_timer -e "^quality: " -e " INFO " -e "^W[0-9]" "$log" | tail -n 80
 done
