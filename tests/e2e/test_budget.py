@@ -97,7 +97,9 @@ def test_one_429_pauses_all_four_processes(migrated_database_url, tmp_path):
     time to tell the others: the answer's trip, one statement, one notification), no request of any process arrives
     until the pause is over; then all four carry on."""
     retry_after, slack = 2, 0.5
-    points = write_points(tmp_path / "points.csv", 40, seed=32)
+    # 80 points, ~16 s of tiles at the shared rate: the 429 waits for the last process to start (up to 6 s under
+    # load), and with 40 points so little work was left after the pause that one process got none of it
+    points = write_points(tmp_path / "points.csv", 80, seed=32)
     with FakeUpstreams(World(seed=32), latency_s=0.1, retry_after_s=retry_after) as up:
         warm(up, points)
         runs = run_four(budget_env(up, migrated_database_url, tmp_path), tmp_path, "paused")
