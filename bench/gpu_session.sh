@@ -43,7 +43,7 @@ case "$part" in
     logs=("$out/profile.log" "$out/quality-dubai.log")
     ;;
 2)
-    timeout 500 "$python" bench/gpu_report.py --quality --datasets kampala "${quality[@]}" \
+    timeout 300 "$python" bench/gpu_report.py --quality --datasets kampala "${quality[@]}" \
         --out "$out/quality-kampala.json" > "$out/quality-kampala.log" 2>&1
     echo "gpu_report --quality --datasets kampala: exit $?"
     logs=("$out/quality-kampala.log")
