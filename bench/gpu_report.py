@@ -175,34 +175,41 @@ def lossless_webp(png: bytes) -> bytes:
 def load_samples(admin_url: str, folder: Path, name: str, split_of=lambda split: split) -> str:
     """The samples written by :func:`export_kampala` in ``folder``, as they were, into a new database ``name``'s
     plain ``dataset`` table, each in split ``split_of(its split)`` (None: left out). Returns its URL."""
-    import asyncpg
-
     samples = json.loads((folder / "samples.json").read_text())
 
     def blob(i: int, kind: str) -> bytes | None:
         path = folder / f"{i}.{kind}"
         return path.read_bytes() if path.is_file() else None
 
-    rows = [tuple(s[k] for k in SAMPLE_COLUMNS[:6]) + (split,) + tuple(s[k] for k in SAMPLE_COLUMNS[7:])
+    rows = [tuple(split if k == "split" else s[k] for k in SAMPLE_COLUMNS)
             + tuple(blob(i, kind) for kind in SAMPLE_BLOBS)
             for i, s in enumerate(samples) if (split := split_of(s["split"])) is not None]
+    return fill_databases(admin_url, {name: rows}, [*SAMPLE_COLUMNS, *SAMPLE_BLOBS])[0]
+
+
+def fill_databases(admin_url: str, rows: dict[str, list[tuple]], columns: list[str]) -> list[str]:
+    """Each database of ``rows`` (name -> its rows) created anew with a plain ``dataset`` table (DATASET_TABLE) that
+    holds its rows, given as values of ``columns``; their URLs, in that order."""
+    import asyncpg
 
     async def fill() -> None:
         admin = await asyncpg.connect(admin_url)
         try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {name}")
-            await admin.execute(f"CREATE DATABASE {name}")
+            for name in rows:
+                await admin.execute(f"DROP DATABASE IF EXISTS {name}")
+                await admin.execute(f"CREATE DATABASE {name}")
         finally:
             await admin.close()
-        conn = await asyncpg.connect(database_url(admin_url, name))
-        try:
-            await conn.execute(DATASET_TABLE)
-            await conn.copy_records_to_table("dataset", records=rows, columns=[*SAMPLE_COLUMNS, *SAMPLE_BLOBS])
-        finally:
-            await conn.close()
+        for name, records in rows.items():
+            conn = await asyncpg.connect(database_url(admin_url, name))
+            try:
+                await conn.execute(DATASET_TABLE)
+                await conn.copy_records_to_table("dataset", records=records, columns=columns)
+            finally:
+                await conn.close()
 
     asyncio.run(fill())
-    return database_url(admin_url, name)
+    return [database_url(admin_url, name) for name in rows]
 
 
 def install_carried_wheels() -> None:
@@ -287,8 +294,6 @@ def load_dubai(admin_url: str, data: Path, folders: list[int] | None, layouts: d
     ``stride`` pixels. Returns the databases' URLs in that order."""
     layouts = layouts or {"loader": lambda folder, image, top, left: "train" if on_grid(top, left) else None,
                           "dubai": folder_split}
-    import asyncpg
-
     pairs = [(int(d.name.split("_")[1]), p, d / "masks" / f"{p.stem}.png")
              for d in sorted(data.glob("Tile_*")) for p in sorted((d / "images").glob("*.jpg"))]
     pairs = [t for t in pairs if t[2].is_file() and (folders is None or t[0] in folders)]
@@ -296,32 +301,15 @@ def load_dubai(admin_url: str, data: Path, folders: list[int] | None, layouts: d
         crops = list(pool.map(dubai_crops, [p for _, p, _ in pairs], [m for _, _, m in pairs],
                               [stride] * len(pairs)))
 
-    async def fill() -> None:
-        admin = await asyncpg.connect(admin_url)
-        try:
-            for name in layouts:
-                await admin.execute(f"DROP DATABASE IF EXISTS {name}")
-                await admin.execute(f"CREATE DATABASE {name}")
-        finally:
-            await admin.close()
+    rows = {name: [] for name in layouts}
+    for (folder, image_path, _), samples in zip(pairs, crops):
+        number = int(image_path.stem.rsplit("_", 1)[1])
         for name, split_of in layouts.items():
-            conn = await asyncpg.connect(database_url(admin_url, name))
-            try:
-                await conn.execute(DATASET_TABLE)
-                rows = []
-                for (folder, image_path, _), samples in zip(pairs, crops):
-                    number = int(image_path.stem.rsplit("_", 1)[1])
-                    rows += [("dubai", 18, folder * 1000 + number, k, split, jpeg, "jpeg", png, pixels)
-                             for k, (top, left, jpeg, png, pixels) in enumerate(samples)
-                             if (split := split_of(folder, number, top, left)) is not None]
-                await conn.copy_records_to_table(
-                    "dataset", records=rows, columns=["provider", "zoom", "tile_x", "tile_y", "split", "image",
-                                                      "image_format", "mask", "building_pixels"])
-            finally:
-                await conn.close()
-
-    asyncio.run(fill())
-    return [database_url(admin_url, name) for name in layouts]
+            rows[name] += [("dubai", 18, folder * 1000 + number, k, split, jpeg, "jpeg", png, pixels)
+                           for k, (top, left, jpeg, png, pixels) in enumerate(samples)
+                           if (split := split_of(folder, number, top, left)) is not None]
+    return fill_databases(admin_url, rows, ["provider", "zoom", "tile_x", "tile_y", "split", "image", "image_format",
+                                            "mask", "building_pixels"])
 
 
 # ---------------------------------------------------------------------------------------------------- parts
