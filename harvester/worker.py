@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 600.0
 MAX_DATABASE_OUTAGE_S = 60.0
 DATABASE_RETRY_S = 2.0
+#: The log line of a failed attempt (args: job id, tile z, x, y, attempt number, error); tests read it.
+ATTEMPT_FAILED = "job %d tile %s/%s/%s attempt %d failed: %s"
 #: What a lost or restarting database raises: retried by the worker for up to MAX_DATABASE_OUTAGE_S.
 DATABASE_LOST = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError,
                  asyncpg.exceptions.OperatorInterventionError, ConnectionError, OSError)
@@ -262,8 +264,7 @@ class Worker:
         for job in jobs:
             pending.pop(job.job_id, None)
             self.progress.failed_attempts += 1
-            log.info("job %d tile %s/%s/%s attempt %d failed: %s", job.job_id, job.tile.z, job.tile.x, job.tile.y,
-                     job.attempts, exc)
+            log.info(ATTEMPT_FAILED, job.job_id, job.tile.z, job.tile.x, job.tile.y, job.attempts, exc)
 
     async def _outcome(self, job: ClaimedJob, pending: dict, query: str, reason: str) -> None:
         async with self.pool.acquire() as conn:
