@@ -21,7 +21,7 @@ from tests.fakes.faults import max_in_window
 from tests.fakes.servers import FakeUpstreams
 from tests.fakes.world import World
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timing]
 
 TILE_RATE = 10
 OVERPASS_CONCURRENCY = 2

@@ -33,7 +33,7 @@ from tests.fakes.servers import FakeUpstreams
 from tests.fakes.world import World
 from tests.integration.harvest_checks import check_database
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timing]
 
 PARIS = (2.25, 48.82, 2.42, 48.90)  # west, south, east, north
 ZOOMS = (17, 18)

@@ -51,6 +51,9 @@ from tests.fakes.world import World
 
 from .harvest_checks import check_database
 
+#: Measures time (rates, timeouts, windows): scripts/test.sh runs it alone, after the parallel part.
+pytestmark = pytest.mark.timing
+
 MAX_ATTEMPTS = 3
 TIMEOUT_S = 2  # HARVESTER_REQUEST_TIMEOUT (its minimum)
 HANG_S = 3.0  # the fakes' "hang": past the timeout

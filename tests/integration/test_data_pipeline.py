@@ -278,13 +278,17 @@ def test_rows_that_do_not_decode_are_skipped_counted_and_logged(own_stored, capl
         assert f"skipping sample {sample_id}:" in logged
 
 
+def _state(pid: int) -> str:
+    """The process state letter of ``pid`` (R, S, D, Z...), "gone" when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
+
+
 def _alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie awaiting its parent's wait() counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
+    return _state(pid) not in ("Z", "X", "gone")
 
 
 def _wait_gone(pids: list[int], limit_s: float = 30.0) -> list[int]:
@@ -333,7 +337,8 @@ def test_an_exception_in_the_consumer_stops_the_workers(stored):
 
 
 _CONSUMER = """
-import sys, time
+import faulthandler, signal, sys, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks of a consumer that hangs
 from trainer.data import SampleStream
 with SampleStream(sys.argv[1], "train", None, 2, decode_workers=2) as stream:
     epoch = 0
@@ -350,16 +355,25 @@ def test_no_worker_outlives_a_consumer_interrupted_or_killed(stored, tmp_path, s
     script = tmp_path / "consumer.py"
     script.write_text(_CONSUMER)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    consumer = subprocess.Popen([sys.executable, str(script), stored.url], stdout=subprocess.PIPE, text=True,
-                                env=env, start_new_session=True)  # a signal to it alone, not to our group
+    consumer = subprocess.Popen([sys.executable, str(script), stored.url], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)  # a signal to it alone, not to our group
     try:
         pids = [int(p) for p in consumer.stdout.readline().split()]
         assert len(pids) == 2 and all(_alive(p) for p in pids)
         consumer.send_signal(sig)
-        consumer.wait(60)
+        try:
+            consumer.wait(60)
+        except subprocess.TimeoutExpired:  # say where it hangs: its threads' stacks, its workers' states
+            consumer.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            consumer.kill()
+            states = {p: _state(p) for p in pids}
+            pytest.fail(f"the consumer did not stop within 60 s of {sig!r}; workers {states}; its stderr:\n"
+                        f"{consumer.communicate()[1][-8000:]}")
     finally:
         consumer.kill()
-        consumer.wait()
+        consumer.communicate()
     assert _wait_gone(pids) == []
     if sig == signal.SIGINT:
         assert consumer.returncode != 0  # the KeyboardInterrupt went through the `with` and stopped the script

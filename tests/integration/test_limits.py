@@ -13,6 +13,9 @@ import pytest
 from harvester.limits import HANDOVERS, SharedBudget, SharedLimiter
 from tests.fakes.faults import max_in_window
 
+#: Measures time (rates, timeouts, windows): scripts/test.sh runs it alone, after the parallel part.
+pytestmark = pytest.mark.timing
+
 KEY = "tiles:example.org"
 
 

@@ -20,6 +20,9 @@ from harvester.tiles import Tile, lonlat_bounds, tile_at
 from tests.fakes.servers import FakeUpstreams
 from tests.fakes.world import World
 
+#: Measures time (rates, timeouts, windows): scripts/test.sh runs it alone, after the parallel part.
+pytestmark = pytest.mark.timing
+
 UA = "tilesmith-tests/0.1 (+https://github.com/tilesmith/tilesmith)"
 AREA = tile_at(2.3488, 48.8534, 17)  # central Paris
 

@@ -14,6 +14,9 @@ from harvester.limits import SPACING_MARGIN
 from tests.fakes.faults import max_in_window
 from tests.fakes.threaded import AppThread
 
+#: Measures time (rates, timeouts, windows): scripts/test.sh runs it alone, after the parallel part.
+pytestmark = pytest.mark.timing
+
 COUNT, WINDOW = 5, 0.1  # 50/s: a fast limit, so that each case takes about half a second
 
 
