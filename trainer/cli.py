@@ -18,8 +18,8 @@ from pathlib import Path
 
 from harvester.splits import SPLITS
 
-from .config import (DEFAULT_DATABASE_URL, DEFAULT_DECODE_WORKERS, DEFAULT_EPOCHS, TRAIN_DEFAULTS, check_database_url,
-                     parse_zooms, redact_url, resolve_batch_size)
+from .config import (DEFAULT_DATABASE_URL, DEFAULT_DECODE_WORKERS, DEFAULT_EPOCHS, OBJECT_MIN_AREA, TRAIN_DEFAULTS,
+                     check_database_url, parse_zooms, redact_url, resolve_batch_size)
 from . import compile_cache
 from .errors import ConfigError, TrainerError
 
@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default 2)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     evaluate.add_argument("--tta", action="store_true", help="8-fold test-time augmentation (8x the compute)")
-    evaluate.add_argument("--min-area", type=_non_negative_int, default=0, metavar="PIXELS", help="object_f1: "
-                          "predicted buildings smaller than this are not counted (default 0: all)")
+    evaluate.add_argument("--min-area", type=_non_negative_int, default=OBJECT_MIN_AREA, metavar="PIXELS",
+                          help="object_f1: buildings smaller than this, true or predicted, are not counted (default "
+                          f"{OBJECT_MIN_AREA}, as SpaceNet scores; 0: every component)")
     evaluate.add_argument("--report", type=Path, metavar="OUT", help="also write OUT/index.html: metrics, curves, "
                           "best and worst tiles (opens from disk)")
 
@@ -181,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--geojson", type=Path, help="GeoJSON of the building polygons (EPSG:4326) to write")
     predict.add_argument("--overlay", type=Path, help="PNG to write: the input tile, predicted buildings outlined")
     predict.add_argument("--tta", action="store_true", help="8-fold test-time augmentation")
-    predict.add_argument("--min-area", type=_non_negative_int, default=0, metavar="PIXELS", help="--geojson: "
-                         "leave out buildings smaller than this (default 0: all)")
+    predict.add_argument("--min-area", type=_non_negative_int, default=OBJECT_MIN_AREA, metavar="PIXELS",
+                         help=f"--geojson: leave out buildings smaller than this (default {OBJECT_MIN_AREA}; 0: all)")
 
     bench = commands.add_parser("benchmark", help="train-step speed (images/s, TFLOP/s, MFU) and input-pipeline speed")
     cache_flag(bench)

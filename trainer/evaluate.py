@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 
 from .checkpoints import Checkpoints
-from .config import TrainConfig, read_model_config
+from .config import OBJECT_MIN_AREA, TrainConfig, read_model_config
 from .data import SampleStream
 from .errors import DataError
 from .steps import abstract_train_state, compile_eval_step, create_optimizer, evaluate_stream, make_mesh
@@ -50,7 +50,7 @@ def restore_params(workdir: Path, config: TrainConfig, mesh) -> tuple:
 
 def evaluate(workdir: Path | str, database_url: str, *, split: str = "test", zooms: tuple[int, ...] | None = None,
              batch_size: int | None = None, decode_workers: int = 2, progress: bool = True,
-             observe: Callable | None = None, tta: bool = False, min_area: int = 0) -> dict:
+             observe: Callable | None = None, tta: bool = False, min_area: int = OBJECT_MIN_AREA) -> dict:
     """``{iou, f1, precision, recall, pixel_accuracy, object_f1, samples, per_zoom}`` over every sample of ``split``.
 
     ``observe(batch, outputs)`` sees every batch evaluated (see :func:`trainer.steps.evaluate_stream`). ``tta``: the

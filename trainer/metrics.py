@@ -8,8 +8,11 @@ Object metric (``object_f1``): the SpaceNet building-footprint F1 (Van Etten et 
 Dataset and Challenge Series", arXiv:1807.01232): buildings are found in the true and predicted masks of each tile by
 :func:`trainer.instances.separate_buildings`, the function ``trainer predict --geojson`` uses: 4-connected components,
 split along the border map where there is one (true: the border target of the sample, from its ``instances``;
-predicted: the model's border output, when it has one); a predicted building is a true positive when it matches a distinct true building with IoU >= 0.5
-(greedy, highest IoU first); F1 = 2 * matched / (predicted + true), summed over all tiles.
+predicted: the model's border output, when it has one); buildings of fewer than ``min_area`` pixels are left out on
+both sides, as SpaceNet's own scorer leaves out footprints under 20 pixels (solaris ``spacenet_buildings_2``,
+``min_area=20``; :data:`OBJECT_MIN_AREA`, ``evaluate --min-area``, 0 counts every component); a predicted building is
+a true positive when it matches a distinct true building with IoU >= 0.5 (greedy, highest IoU first); F1 = 2 *
+matched / (predicted + true), summed over all tiles.
 
 Zero denominators (e.g. IoU of a split without buildings and no prediction) follow one rule: the score is 1.0 when
 there was nothing to find and nothing was found (tp = fp = fn = 0), else 0.0. So every value is a finite float and the
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .config import OBJECT_MIN_AREA
 from .instances import separate_buildings
 
 OBJECT_IOU_THRESHOLD = 0.5
@@ -93,10 +97,10 @@ def match_objects(predicted: np.ndarray, actual: np.ndarray, iou_threshold: floa
                   min_area: int = 0) -> ObjectMatch:
     """Match the buildings of two masks of one tile, SpaceNet style; each mask's buildings are separated along its
     border map when given (:func:`~trainer.instances.separate_buildings`), else its 4-connected components.
-    Predicted buildings of fewer than ``min_area`` pixels are left out (as ``predict --geojson --min-area`` leaves
-    them out); the true buildings are all counted."""
+    Buildings of fewer than ``min_area`` pixels are left out, predicted and true (as SpaceNet scores, and as
+    ``predict --geojson --min-area`` leaves them out)."""
     pred_labels, n_pred = separate_buildings(predicted, predicted_border, min_area)
-    true_labels, n_true = separate_buildings(actual, actual_border)
+    true_labels, n_true = separate_buildings(actual, actual_border, min_area)
     if n_pred == 0 or n_true == 0:
         return ObjectMatch(0, n_pred, n_true)
     # joint histogram of (true label, predicted label): intersections; its margins are the component areas
@@ -144,9 +148,9 @@ class _Group:
 class SegmentationMetrics:
     """Accumulates confusion counts and object matches overall and per zoom, over the valid samples of batches."""
 
-    def __init__(self, *, objects: bool = True, min_area: int = 0):
+    def __init__(self, *, objects: bool = True, min_area: int = OBJECT_MIN_AREA):
         self.objects = objects  # object matching needs the predicted masks on the host; skip it when not wanted
-        self.min_area = min_area  # predicted buildings smaller than this (pixels) are not counted as buildings
+        self.min_area = min_area  # buildings smaller than this (pixels), true or predicted, are not counted
         self._overall = _Group()
         self._by_zoom: dict[int, _Group] = {}
 

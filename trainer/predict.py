@@ -38,7 +38,7 @@ from harvester import tiles
 from harvester.overlay import draw_mask, save_png
 from harvester.tiles import MAX_LATITUDE_DEG, Tile
 
-from .config import TILE_SIZE
+from .config import OBJECT_MIN_AREA, TILE_SIZE
 from .errors import ConfigError, DataError, TrainerError
 from .evaluate import restore_params, saved_train_config
 from .instances import separate_buildings
@@ -159,7 +159,7 @@ def mask_to_geojson(mask: np.ndarray, tile: Tile, border: np.ndarray | None = No
 def predict(workdir: Path | str, out: Path | str, *, image: Path | str | None = None, tile: str | None = None,
             lon: float | None = None, lat: float | None = None, zoom: int | None = None,
             geojson: Path | str | None = None, overlay: Path | str | None = None, tta: bool = False,
-            min_area: int = 0) -> dict:
+            min_area: int = OBJECT_MIN_AREA) -> dict:
     """Write the mask PNG (and the GeoJSON, and the input tile with the predicted buildings outlined);
     return ``{"building_pixels", "buildings"?, "tile"?}``."""
     if (image is None) == (lon is None or lat is None or zoom is None):

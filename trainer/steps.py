@@ -31,7 +31,7 @@ from .config import TrainConfig
 from .data import SampleStream
 from .errors import ConfigError, DataError
 from .losses import segmentation_loss
-from .metrics import SegmentationMetrics, confusion_counts
+from .metrics import OBJECT_MIN_AREA, SegmentationMetrics, confusion_counts
 from .model import UNet, default_compute_dtype, prng_key, split_logits
 
 DATA_AXIS = "data"
@@ -229,7 +229,7 @@ def compile_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, tta_enabled: bool = Fa
 
 def evaluate_stream(eval_fn: Callable, params: nnx.State, stream: SampleStream, mesh: Mesh, *,
                     objects: bool = True, progress: bool = False, observe: Callable | None = None,
-                    min_area: int = 0) -> dict:
+                    min_area: int = OBJECT_MIN_AREA) -> dict:
     """Metrics of ``params`` over every sample of ``stream`` (made with ``pad_last=True``: padding rows are masked).
 
     The host-side part of batch k (object matching) runs while the device computes batch k + 1. ``observe``, when

@@ -172,18 +172,32 @@ def test_object_matching_by_hand():
     assert match_objects(pred, truth) == (1, 3, 2)
 
 
-def test_min_area_leaves_small_predicted_buildings_out_but_counts_every_true_one():
+def test_min_area_leaves_small_buildings_out_on_both_sides_as_spacenet_scores():
     truth = np.zeros((16, 16), bool)
     pred = np.zeros((16, 16), bool)
     _square(truth, 0, 0, 4, 4)
     _square(pred, 0, 0, 4, 4)  # 16 px, matched
     _square(pred, 12, 12, 2, 2)  # 4 px of speckle: a false building at min_area 0
-    _square(truth, 8, 0, 2, 2)  # a 4 px true building, predicted as nothing: missed either way
+    _square(truth, 8, 0, 2, 2)  # a 4 px true sliver, predicted as nothing: missed at min_area 0
     assert match_objects(pred, truth) == (1, 2, 2)
-    assert match_objects(pred, truth, min_area=5) == (1, 1, 2)
+    assert match_objects(pred, truth, min_area=5) == (1, 1, 1)  # speckle and sliver both left out
+    assert match_objects(pred, truth, min_area=17) == (0, 0, 0)
     metrics = SegmentationMetrics(min_area=5)
     metrics.update(np.zeros((1, 4), int), np.array([True]), np.array([18]), pred[None], truth[None])
-    assert metrics.result()["object_f1"] == pytest.approx(2 * 1 / (1 + 2))
+    assert metrics.result()["object_f1"] == 1.0
+    every = SegmentationMetrics(min_area=0)
+    every.update(np.zeros((1, 4), int), np.array([True]), np.array([18]), pred[None], truth[None])
+    assert every.result()["object_f1"] == pytest.approx(2 * 1 / (2 + 2))
+
+
+def test_the_default_min_area_is_spacenets_20_pixels():
+    truth = np.zeros((1, 32, 32), bool)
+    _square(truth[0], 0, 0, 4, 5)  # 20 px: counted
+    _square(truth[0], 10, 10, 3, 6)  # 18 px: left out
+    metrics = SegmentationMetrics()
+    metrics.update(np.zeros((1, 4), int), np.array([True]), np.array([18]), truth, truth)
+    assert metrics.result()["object_f1"] == 1.0
+    assert match_objects(truth[0], truth[0], min_area=SegmentationMetrics().min_area) == (1, 1, 1)
 
 
 def test_object_match_at_exactly_half_iou():
@@ -215,7 +229,7 @@ def test_object_f1_accumulates_over_tiles():
     _square(pred[0], 0, 0, 4, 4)
     _square(truth[1], 5, 5, 4, 4)
     _square(pred[1], 12, 12, 2, 2)
-    metrics = SegmentationMetrics()
+    metrics = SegmentationMetrics(min_area=0)  # every component: 4 x 4 and 2 x 2 squares
     metrics.update(np.zeros((2, 4), int), np.array([True, True]), np.array([18, 18]), pred, truth)
     result = metrics.result()
     assert result["object_f1"] == pytest.approx(2 * 1 / (2 + 2))
