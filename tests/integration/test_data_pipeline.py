@@ -339,6 +339,9 @@ def test_an_exception_in_the_consumer_stops_the_workers(stored):
 _CONSUMER = """
 import faulthandler, signal, sys, time
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks of a consumer that hangs
+# Ctrl-C in a terminal: KeyboardInterrupt. A shell without job control starts `cmd &` with SIGINT ignored, and its
+# children inherit that (CI launched that way once): the test must not depend on how pytest was started.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from trainer.data import SampleStream
 with SampleStream(sys.argv[1], "train", None, 2, decode_workers=2) as stream:
     epoch = 0
