@@ -29,12 +29,14 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[train,test]'
-# Two parts: the tests that measure time (rates, timeouts, windows: marked `timing`) run alone, after the others,
-# which run on TEST_WORKERS processes (pytest-xdist, default 2; on the 2-core development machine the two parts took
-# 450 + 325 s where one process took 939 s).
+# Two parts: the tests that measure time (rates, timeouts, windows: marked `timing`) run after the others, which run
+# on TEST_WORKERS processes (pytest-xdist, default 2). The timing tests mostly wait (a quarter of 2 cores): they run on
+# 2 processes too, the ones that start several harvester processes each (group harvester_processes) one at a time.
+# On the 2-core development machine: one process took 939 s for everything; the parts 450-536 s and, timing tests
+# alone, 325-341 s, or 201-211 s on 2 processes.
 # Exit status 5 (no test selected) of one part is not a failure: arguments may name tests of one part only.
 status=0; .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" -m "not timing" "$@" || status=$?
-timing=0; .venv/bin/python -m pytest -q -m timing "$@" || timing=$?
+timing=0; .venv/bin/python -m pytest -q -n 2 --dist loadgroup -m timing "$@" || timing=$?
 if [ $status -eq 5 ] && [ $timing -eq 5 ]; then exit 5; fi
 for rc in $status $timing; do
   if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then exit $rc; fi

@@ -21,7 +21,9 @@ from tests.fakes.faults import max_in_window
 from tests.fakes.servers import FakeUpstreams
 from tests.fakes.world import World
 
-pytestmark = [pytest.mark.slow, pytest.mark.timing]
+# scripts/test.sh runs the timing tests on 2 processes: this group (many harvester processes each) on one of
+# them, never two at once
+pytestmark = [pytest.mark.slow, pytest.mark.timing, pytest.mark.xdist_group("harvester_processes")]
 
 TILE_RATE = 10
 OVERPASS_CONCURRENCY = 2

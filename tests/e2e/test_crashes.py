@@ -33,7 +33,9 @@ from tests.fakes.servers import FakeUpstreams
 from tests.fakes.world import World
 from tests.integration.harvest_checks import check_database
 
-pytestmark = [pytest.mark.slow, pytest.mark.timing]
+# scripts/test.sh runs the timing tests on 2 processes: this group (many harvester processes each) on one of
+# them, never two at once
+pytestmark = [pytest.mark.slow, pytest.mark.timing, pytest.mark.xdist_group("harvester_processes")]
 
 PARIS = (2.25, 48.82, 2.42, 48.90)  # west, south, east, north
 ZOOMS = (17, 18)
