@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,25 @@ from tests.databases import ADMIN_URL, TempDatabase, database_url
 __all__ = ["ADMIN_URL", "REPO_ROOT", "SHARED_DATA", "database_url"]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+JAX_CACHE = "JAX_COMPILATION_CACHE_DIR"
+_JAX_CACHE_KEY = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    """One JAX compilation cache for the whole run, new and empty: shared by the xdist workers (they inherit the
+    environment) and by the trainer processes the tests start, so a program that recurs across tests (the tiny U-Nets'
+    initialisation and train step) compiles once. Tests of the cache itself name their own directory. A cache the
+    caller already set is used as it is; none is ever written under the home directory."""
+    if hasattr(config, "workerinput") or os.environ.get(JAX_CACHE):
+        return
+    config.stash[_JAX_CACHE_KEY] = os.environ[JAX_CACHE] = tempfile.mkdtemp(prefix="tilesmith-tests-jax-")
+
+
+def pytest_unconfigure(config):
+    directory = config.stash.get(_JAX_CACHE_KEY, None)
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
+        del os.environ[JAX_CACHE]
 
 
 @pytest.fixture(scope="session")

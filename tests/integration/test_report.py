@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from harvester.overlay import FN_COLOUR, FP_COLOUR, OUTLINE_COLOUR, TP_COLOUR
 from tests.databases import fetch
-from tests.integration.test_train import SPLITS, _no_compilation_cache_in_home, cli, trained  # noqa: F401 (fixtures)
+from tests.integration.test_train import SPLITS, cli, trained  # noqa: F401 (a fixture)
 from harvester.decode import decode_image, decode_mask
 from trainer.report import TILES_SHOWN
 

@@ -157,12 +157,6 @@ def trained(template_database, tmp_path_factory):
         yield {"url": url, "workdir": workdir, "stats": stats, "summary": summary}
 
 
-@pytest.fixture(autouse=True)
-def _no_compilation_cache_in_home(monkeypatch, tmp_path_factory):
-    """The CLI run in-process must not point JAX's cache at the home directory of whoever runs the tests."""
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jax-cache"))
-
-
 def cli(*args: str) -> int:
     """``trainer ARGS`` in this process: its exit status (argparse's exit included)."""
     from trainer.cli import main
