@@ -12,16 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-import numpy as np
-
-from .. import db
 from ..config import Settings, add_setting_flags
-from ..decode import decode_mask
-from ..rasterize import encode_instances_png
-from ..sql import queries
-from ..store import load_buildings
-from ..tiles import Tile
-from ..worker import tile_labels
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +32,16 @@ async def main(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def rebuild_instances(dsn: str, *, batch_size: int = 500) -> dict[str, int]:
+    import numpy as np  # here, not at the top: every ``harvester`` command line imports this module
+
+    from .. import db
+    from ..decode import decode_mask
+    from ..rasterize import encode_instances_png
+    from ..sql import queries
+    from ..store import load_buildings
+    from ..tiles import Tile
+    from ..worker import tile_labels
+
     sql = queries("store")
     counts = {"rebuilt": 0, "mismatched": 0}
     conn = await db.connect(dsn)

@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .. import db
 from ..config import Settings, add_setting_flags
-from ..labels.extract import active_extract
-from ..queue import STATES, counts
 
 HELP = "jobs by state and by zoom"
 
@@ -19,6 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def main(args: argparse.Namespace, settings: Settings) -> int:
+    # here, not at the top: every ``harvester`` command line imports this module
+    from .. import db
+    from ..labels.extract import active_extract
+    from ..queue import counts
+
     conn = await db.connect(settings.database_url)
     try:
         result = await counts(conn)
@@ -32,6 +34,8 @@ async def main(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def table(result: dict) -> str:
+    from ..queue import STATES
+
     lines = [f"{'zoom':>6} " + " ".join(f"{s:>11}" for s in STATES)]
     for zoom, c in result["by_zoom"].items():
         lines.append(f"{zoom:>6} " + " ".join(f"{c[s]:>11}" for s in STATES))
