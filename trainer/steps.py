@@ -27,11 +27,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from .augment import augment_batch, tta
-from .config import TrainConfig
+from .config import OBJECT_MIN_AREA, TrainConfig
 from .data import SampleStream
 from .errors import ConfigError, DataError
 from .losses import segmentation_loss
-from .metrics import OBJECT_MIN_AREA, SegmentationMetrics, confusion_counts
+from .metrics import SegmentationMetrics, confusion_counts
 from .model import UNet, default_compute_dtype, prng_key, split_logits
 
 DATA_AXIS = "data"
