@@ -1,14 +1,17 @@
 """Ablation of the issue-11 recipe at equal steps: one ``trainer train`` + ``trainer evaluate --json`` per row, each
-row today's recipe plus the changes it names, all on the same Dubai database, the same seed and the same number of steps.
+row today's recipe plus the changes it names, all on the same Dubai database, the same seeds and the same number of
+steps.
 
-    python -m bench.quality_ablation [--database-url URL] [--steps 250] [--base-filters 8] [--batch-size 8]
+    python -m bench.quality_ablation [--database-url URL] [--steps 250] [--base-filters 8] [--batch-size 8] [--seeds 0,1]
 
 Without ``--database-url`` dubai-aerial is loaded into a fresh database ``tilesmith_quality_dubai`` (dropped at the
 end unless ``--keep``). The split of each row is set in the database before it trains: ``old`` = the split before
 issue 11 (Tile_1-6 train, all of Tile_7 val), ``new`` = :func:`trainer.datasets.dubai_split` (images 4-9 of Tile_7
-move to train); ``Tile_8`` is the test split of both. Prints one JSON line per row as it finishes, then a Markdown
-table: test IoU, F1, object F1 (buildings separated by :func:`trainer.instances.separate_buildings`), steps,
-minutes, and the 1-minute load average of the machine before and after the row.
+move to train); ``Tile_8`` is the test split of both. Prints one JSON line per row and seed as it finishes, then a
+Markdown table: test IoU, F1, object F1 (buildings separated by :func:`trainer.instances.separate_buildings`), steps,
+minutes, and the 1-minute load average of the machine before and after the row. With several ``--seeds`` (the seed
+of initialisation, shuffling and augmentation) each figure is the mean over the seeds, with its range: a difference
+between rows inside the ranges is noise.
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ ROWS = [
                                                         "--lovasz-weight", "1"], []),  # 9
     ("split + residual blocks + Lovasz hinge 0.2", "new", ["--no-borders", "--residual", "--separation-weight", "0",
                                                           "--lovasz-weight", "0.2"], []),  # 10
+    ("split + residual blocks + depth 5", "new", ["--no-borders", "--residual", "--separation-weight", "0",
+                                                 "--depth", "5"], []),  # 11
+    ("split + residual blocks + lr 1e-3", "new", ["--no-borders", "--residual", "--separation-weight", "0",
+                                                 "--lr", "1e-3"], []),  # 12
+    ("split + residual blocks + lr 1e-2", "new", ["--no-borders", "--residual", "--separation-weight", "0",
+                                                 "--lr", "1e-2"], []),  # 13
 ]
 
 
@@ -86,35 +95,49 @@ def _trainer(url: str, *args: str) -> str:
 
 
 def run_row(url: str, name: str, layout: str, train_flags: list[str], eval_flags: list[str], *, steps: int,
-            base_filters: int, batch_size: int, lr: float, workdirs: dict) -> dict:
+            base_filters: int, batch_size: int, lr: float, seed: int, workdirs: dict) -> dict:
     load_before = os.getloadavg()[0]
     splits = asyncio.run(set_split(url, layout))
-    key = (layout, tuple(train_flags))
+    key = (layout, tuple(train_flags), seed)
     started = time.perf_counter()
     if key not in workdirs:  # rows differing only at evaluation share their training
         workdir = Path(tempfile.mkdtemp(prefix="quality-ablation-"))
         _trainer(url, "train", "--workdir", str(workdir), "--steps", str(steps), "--batch-size", str(batch_size),
                  "--base-filters", str(base_filters), "--lr", str(lr), "--eval-every", str(steps),
-                 "--checkpoint-every", str(steps), "--seed", "0", *train_flags)
+                 "--checkpoint-every", str(steps), "--seed", str(seed), *train_flags)
         workdirs[key] = (workdir, time.perf_counter() - started)
     workdir, train_s = workdirs[key]
     evaluated = time.perf_counter()
     test = json.loads(_trainer(url, "evaluate", "--workdir", str(workdir), "--split", "test", "--json", *eval_flags))
     return {"row": name, "split": layout, "splits": splits, "train_flags": train_flags, "eval_flags": eval_flags,
-            "steps": steps, "base_filters": base_filters, "batch_size": batch_size, "lr": lr,
+            "steps": steps, "base_filters": base_filters, "batch_size": batch_size, "lr": lr, "seed": seed,
             "iou": test["iou"], "f1": test["f1"], "precision": test["precision"], "recall": test["recall"],
             "object_f1": test["object_f1"], "test_samples": test["samples"],
             "train_minutes": train_s / 60, "evaluate_minutes": (time.perf_counter() - evaluated) / 60,
             "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| row | test IoU | F1 | object F1 | steps | train min | eval min | load avg (1 min) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['row']} | {r['iou']:.3f} | {r['f1']:.3f} | {r['object_f1']:.3f} | {r['steps']} |"
-                     f" {r['train_minutes']:.1f} | {r['evaluate_minutes']:.1f} |"
-                     f" {r['load_before']:.1f} -> {r['load_after']:.1f} |")
+def _figure(runs: list[dict], key: str) -> str:
+    """The mean of ``key`` over the seeds' runs, with its range when there are several: ``0.583 (0.579-0.587)``."""
+    values = [r[key] for r in runs]
+    mean = f"{sum(values) / len(values):.3f}"
+    return mean if len(values) == 1 else f"{mean} ({min(values):.3f}-{max(values):.3f})"
+
+
+def table(results: list[dict]) -> str:
+    """One Markdown line per row (its seeds' runs together, in the order they ran)."""
+    lines = ["| row | seeds | test IoU | F1 | object F1 | steps | train min | eval min | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by_row: dict[str, list[dict]] = {}
+    for r in results:
+        by_row.setdefault(r["row"], []).append(r)
+    for name, runs in by_row.items():
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        train = sum(r["train_minutes"] for r in runs) / len(runs)
+        evaluate = sum(r["evaluate_minutes"] for r in runs) / len(runs)
+        lines.append(f"| {name} | {seeds} | {_figure(runs, 'iou')} | {_figure(runs, 'f1')} |"
+                     f" {_figure(runs, 'object_f1')} | {runs[0]['steps']} | {train:.1f} | {evaluate:.1f} |"
+                     f" {runs[0]['load_before']:.1f} -> {runs[-1]['load_after']:.1f} |")
     return "\n".join(lines)
 
 
@@ -126,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--rows", help="comma-separated row numbers to run (default: all)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, each row trained once per seed (default 0)")
     parser.add_argument("--keep", action="store_true", help="keep the database it loaded")
     args = parser.parse_args(argv)
     url = args.database_url
@@ -133,14 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         url = fresh_database(DATABASES["dubai"])
         load("dubai", url, REPO_ROOT.parent / "shared" / "data" / "dubai-aerial")
     chosen = [ROWS[int(i)] for i in args.rows.split(",")] if args.rows else ROWS
+    seeds = [int(s) for s in args.seeds.split(",")]
     results, workdirs = [], {}
     try:
         for name, layout, train_flags, eval_flags in chosen:
-            result = run_row(url, name, layout, train_flags, eval_flags, steps=args.steps,
-                             base_filters=args.base_filters, batch_size=args.batch_size, lr=args.lr,
-                             workdirs=workdirs)
-            results.append(result)
-            print(json.dumps(result, sort_keys=True), flush=True)
+            for seed in seeds:
+                result = run_row(url, name, layout, train_flags, eval_flags, steps=args.steps,
+                                 base_filters=args.base_filters, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                                 workdirs=workdirs)
+                results.append(result)
+                print(json.dumps(result, sort_keys=True), flush=True)
     finally:
         if args.database_url is None and not args.keep:
             drop_database(DATABASES["dubai"])
