@@ -10,8 +10,8 @@
 #
 # 1. step_profile: whether the 3-channel input convolution (cuDNN pads it) is the slow sm80 kernel: the step with
 #    the images zero-padded to 8 and 16 channels, and a profile whose per-instruction lines name each convolution's
-#    shapes. Then gpu_report --quality on Dubai: 3,000 steps of its 3 default recipes, with the test IoU along each
-#    run and the IoU on the training crops.
+#    shapes. Then gpu_report --quality on Dubai: 3,000 steps of its 4 default recipes (the last one if time is
+#    left), with the test IoU along each run and the IoU on the training crops.
 # 2. gpu_report --quality on Kampala (OSM labels with instances): today / residual / residual + borders, 500 steps;
 #    XLA's autotuning results of part 1 are in the user's compilation cache, so its compiles are short.
 # Each recipe's row is printed as it finishes ("quality: {...}" in the log), so a timeout loses only the recipe it
