@@ -86,6 +86,13 @@ async def set_split(url: str, layout: str) -> dict[str, int]:
     return {r["split"]: r["n"] for r in counts}
 
 
+def row_lr(train_flags: list[str], default: float) -> float:
+    """The learning rate a row trains at: its own last ``--lr`` (passed after the bench's, so the one argparse keeps),
+    else the bench's ``default``."""
+    values = [train_flags[i + 1] for i, flag in enumerate(train_flags[:-1]) if flag == "--lr"]
+    return float(values[-1]) if values else default
+
+
 def _trainer(url: str, *args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO_ROOT, text=True, capture_output=True,
                           env={**os.environ, "DATABASE_URL": url}, check=False)
@@ -110,7 +117,8 @@ def run_row(url: str, name: str, layout: str, train_flags: list[str], eval_flags
     evaluated = time.perf_counter()
     test = json.loads(_trainer(url, "evaluate", "--workdir", str(workdir), "--split", "test", "--json", *eval_flags))
     return {"row": name, "split": layout, "splits": splits, "train_flags": train_flags, "eval_flags": eval_flags,
-            "steps": steps, "base_filters": base_filters, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "steps": steps, "base_filters": base_filters, "batch_size": batch_size, "seed": seed,
+            "lr": row_lr(train_flags, lr),
             "iou": test["iou"], "f1": test["f1"], "precision": test["precision"], "recall": test["recall"],
             "object_f1": test["object_f1"], "test_samples": test["samples"],
             "train_minutes": train_s / 60, "evaluate_minutes": (time.perf_counter() - evaluated) / 60,
