@@ -2,10 +2,11 @@
 row today's recipe plus the changes it names, all on the same Dubai database, the same seeds and the same number of
 steps.
 
-    python -m bench.quality_ablation [--database-url URL] [--steps 250] [--base-filters 8] [--batch-size 8] [--seeds 0,1]
+    python -m bench.quality_ablation [--database-url URL] [--steps 250] [--base-filters 8] [--batch-size 8]
+                                     [--rows 5,11] [--seeds 0,1,2]
 
-Without ``--database-url`` dubai-aerial is loaded into a fresh database ``tilesmith_quality_dubai`` (dropped at the
-end unless ``--keep``). The split of each row is set in the database before it trains: ``old`` = the split before
+Without ``--database-url`` dubai-aerial is loaded into a fresh database ``tilesmith_real_dubai`` (that of
+``bench.real_imagery``; dropped at the end unless ``--keep``). The split of each row is set in the database before it trains: ``old`` = the split before
 issue 11 (Tile_1-6 train, all of Tile_7 val), ``new`` = :func:`trainer.datasets.dubai_split` (images 4-9 of Tile_7
 move to train); ``Tile_8`` is the test split of both. Prints one JSON line per row and seed as it finishes, then a
 Markdown table: test IoU, F1, object F1 (buildings separated by :func:`trainer.instances.separate_buildings`), steps,
