@@ -360,12 +360,12 @@ def loader_rows(url: str, batch: int, workers: list[int], samples: int) -> list[
 
 def short_training(url: str, base: int, depth: int, batch: int, steps: int, workers: int, *, lr: float = 1e-3,
                    options: dict | None = None, tta: tuple[bool, ...] = (False,), objects: bool = False,
-                   curve_every: int = 0) -> dict:
+                   curve_every: int = 0, seed: int = 0) -> dict:
     """Train ``steps`` steps on split train (no checkpoints), then the metrics over every sample of split test
     (``test_*``; with ``tta`` True as well, ``tta_test_*`` too). ``options``: further TrainConfig fields.
     ``curve_every`` > 0: also the test metrics (no TTA) after every that many steps before the last, as ``curve``
     (how IoU moves with the length of the run: one run shows where more steps stop paying; nothing is selected on
-    it); their time is left out of ``train_s``."""
+    it); their time is left out of ``train_s``. ``seed``: the parameters', the shuffling's and the augmentation's."""
     import jax
 
     from trainer.config import TrainConfig
@@ -375,7 +375,7 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
                                make_mesh)
 
     config = TrainConfig(database_url=url, steps=steps, batch_size=batch, base_filters=base, depth=depth,
-                         decode_workers=workers, learning_rate=lr, **(options or {}))
+                         decode_workers=workers, learning_rate=lr, seed=seed, **(options or {}))
     mesh = make_mesh(batch)
     _, graphdef, init, step_fn = compiled_functions(StepSpec.of(config, steps), mesh)
     eval_fns = {with_tta: compile_eval_step(graphdef, mesh, with_tta) for with_tta in {*tta, False}}
@@ -384,7 +384,7 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
     done, waited, paused, curve = 0, 0.0, 0.0, []
     timed_from = None
     with contextlib.ExitStack() as stack:
-        stream = stack.enter_context(SampleStream(url, "train", None, batch, seed=0, decode_workers=workers,
+        stream = stack.enter_context(SampleStream(url, "train", None, batch, seed=seed, decode_workers=workers,
                                                   borders=config.uses_border_targets))
         test = stack.enter_context(SampleStream(url, "test", None, batch, shuffle=False, pad_last=True,
                                                 decode_workers=workers))
@@ -411,7 +411,7 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
         epoch = (steps - 1) // stream.num_batches() + 1
         train_samples = len(stream)
         train_s = time.perf_counter() - (timed_from or started) - paused
-        out = {"base_filters": base, "depth": depth, "batch_size": batch, "steps": steps, "lr": lr,
+        out = {"base_filters": base, "depth": depth, "batch_size": batch, "steps": steps, "lr": lr, "seed": seed,
                "options": options or {}, "train_samples": train_samples, "epochs_started": epoch,
                "images_per_s": (steps - 1) * batch / train_s, "data_wait_fraction": waited / train_s,
                "train_s": train_s, "curve": curve}
@@ -497,18 +497,25 @@ def recipe_settings(options: dict, base: int, depth: int) -> tuple[str, int, int
 
 
 def quality_run(urls: dict[str, str], recipes: list[tuple[str, dict]], *, base: int, depth: int, batch: int,
-                steps: int, workers: int, lr: float, curve_every: int = 0) -> list[dict]:
-    """Each recipe trained and tested on ``urls[its "data"]`` (:func:`recipe_settings`)."""
+                steps: int, workers: int, lr: float, curve_every: int = 0, seeds: tuple[int, ...] = (0,)) -> list[dict]:
+    """Each recipe trained (once per seed of ``seeds``, one after the other) and tested on ``urls[its "data"]``
+    (:func:`recipe_settings`)."""
     rows = []
     for name, recipe in recipes:
         data, width, recipe_depth, options = recipe_settings(recipe, base, depth)
-        row = short_training(urls[data], width, recipe_depth, batch, steps, workers, lr=lr, options=options,
-                             tta=(False, True) if options["residual"] else (False,), objects=True,
-                             curve_every=curve_every)
-        row["recipe"] = name
-        rows.append(row)
-        print(f"quality: {json.dumps(row)}", flush=True)
+        for seed in seeds:
+            row = short_training(urls[data], width, recipe_depth, batch, steps, workers, lr=lr, options=options,
+                                 tta=(False, True) if options["residual"] else (False,), objects=True,
+                                 curve_every=curve_every, seed=seed)
+            row["recipe"] = name
+            rows.append(row)
+            print(f"quality: {json.dumps(row)}", flush=True)
     return rows
+
+
+def seed_tag(row: dict) -> str:
+    """``", seed N"`` for a row trained with a seed other than 0, the default (rows of earlier runs have none)."""
+    return f", seed {row['seed']}" if row.get("seed") else ""
 
 
 def print_quality_table(report: dict) -> None:
@@ -523,7 +530,7 @@ def print_quality_table(report: dict) -> None:
         for r in rows:
             for prefix, tag in (("test_", ""), ("tta_test_", " + 8-fold TTA")):
                 if prefix + "iou" in r:
-                    print(f"| {r['recipe']}{tag}, base {r['base_filters']} | {r[prefix + 'iou']:.3f} |"
+                    print(f"| {r['recipe']}{tag}, base {r['base_filters']}{seed_tag(r)} | {r[prefix + 'iou']:.3f} |"
                           f" {r[prefix + 'f1']:.3f} | {r[prefix + 'precision']:.3f} | {r[prefix + 'recall']:.3f} |"
                           f" {r[prefix + 'object_f1']:.3f} | {r['train_iou']:.3f} | {r['steps']} | {r['train_s']:.0f} |"
                           f" {r['train_samples']} |"
@@ -535,14 +542,14 @@ def print_quality_table(report: dict) -> None:
             for prefix, tag in (("test_", ""), ("tta_test_", " + TTA")):
                 areas = [(a, r.get(f"{prefix}object_f1_min_area_{a}")) for a in MIN_AREAS]
                 if prefix + "iou" in r and areas[0][1] is not None:
-                    print(f"  {r['recipe']}{tag}: " + ", ".join(f"N={a}: {f1:.3f}" for a, f1 in areas))
+                    print(f"  {r['recipe']}{seed_tag(r)}{tag}: " + ", ".join(f"N={a}: {f1:.3f}" for a, f1 in areas))
         curves = [r for r in rows if r.get("curve")]
         if curves:
             print("test IoU / object F1 along each run (no TTA; nothing selected on it):")
         for r in curves:
             points = r["curve"] + [{"step": r["steps"], "iou": r["test_iou"], "object_f1": r["test_object_f1"]}]
-            print(f"  {r['recipe']}: " + ", ".join(f"step {p['step']}: {p['iou']:.3f} / {p['object_f1']:.3f}"
-                                                 for p in points))
+            print(f"  {r['recipe']}{seed_tag(r)}: " + ", ".join(f"step {p['step']}: {p['iou']:.3f} /"
+                                                             f" {p['object_f1']:.3f}" for p in points))
     print(f"{report['seconds']:.0f} s in all")
 
 
@@ -568,6 +575,11 @@ def print_table(report: dict) -> None:
           f" {t['test_iou']:.4f} (F1 {t['test_f1']:.4f}, {t['test_samples']} samples); {report['seconds']:.0f} s in all")
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    """``--seeds``: ``"0,1,2"`` -> (0, 1, 2)."""
+    return tuple(int(seed) for seed in text.split(","))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prepare", action="store_true", help="here: fetch .whl/ and copy the data to .gpu-data/")
@@ -589,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
                         "about 130 epochs of its 126 training tiles; quick 4)")
     parser.add_argument("--recipes", help="--quality: the recipes to train, comma-separated names of "
                         f"QUALITY_RECIPES, or all (default: {', '.join(DEFAULT_RECIPES)})")
+    parser.add_argument("--seeds", type=seed_list, default=(0,),
+                        help="--quality: comma-separated seeds, each recipe trained once per seed (default 0)")
     parser.add_argument("--baseline-code", type=Path, help="a folder holding an earlier trainer package: its train "
                         "step is benchmarked too, in the same run (e.g. git archive HEAD trainer | tar -x -C DIR)")
     parser.add_argument("--no-training", action="store_true", help="leave the short training out (a --quality run "
@@ -716,7 +730,7 @@ def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
                                        "test_samples": splits["test"][0], "all_building_iou": splits["test"][1]}
         curve_every = max(1, steps // (2 if args.quick else 5)) if args.curve_every is None else args.curve_every
         rows = quality_run(urls, recipes, base=base, depth=depth, batch=batch, steps=steps, workers=workers,
-                           lr=args.lr, curve_every=curve_every)
+                           lr=args.lr, curve_every=curve_every, seeds=args.seeds)
         report["quality"] += [{"dataset": dataset, **row} for row in rows]
     return finish(report, started, print_quality_table, args.out)
 

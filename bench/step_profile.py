@@ -5,6 +5,8 @@ variant pays the long compile), then one profiled run of the default step with t
 Variants (``--variants``, comma-separated): ``default``; ``batch=N``; ``noaug`` (no augmentation in the step);
 ``nonorm`` (GroupNorm replaced by the identity: the most any normalisation change could gain); ``chgn`` (GroupNorm
 computed from per-channel sums, the same function in another reduction order); ``plain`` (no residual blocks);
+``convtranspose`` (the up-convolutions as ``nnx.ConvTranspose``'s transposed convolution, as before 2026-11-28,
+instead of :class:`trainer.model.UpConv2x2`'s matrix product: the same function);
 ``stem=N`` (the images' 3 channels zero-padded to N inside the model, before its first convolution, built for N
 input channels: the same function, without the 3-channel convolution that cuDNN pads; the FLOPs, so the MFU, still
 count 3 channels); ``xla:FLAG=VALUE[;FLAG=VALUE...]`` (the default step compiled with these XLA options, e.g.
@@ -80,11 +82,13 @@ def patched(variant: str):
     after."""
     from flax import nnx
 
-    from trainer.model import ConvBlock, UNet
+    from trainer.model import ConvBlock, UNet, UpConv2x2
     from trainer.steps import compiled_functions
 
-    originals = nnx.GroupNorm.__call__, UNet.__init__, ConvBlock.__call__
-    if variant == "nonorm":
+    originals = nnx.GroupNorm.__call__, UNet.__init__, ConvBlock.__call__, UpConv2x2.__call__
+    if variant == "convtranspose":
+        UpConv2x2.__call__ = nnx.ConvTranspose.__call__
+    elif variant == "nonorm":
         nnx.GroupNorm.__call__ = lambda self, x, *, mask=None: x
     elif variant == "chgn":
         nnx.GroupNorm.__call__ = channel_sum_group_norm
@@ -96,11 +100,11 @@ def patched(variant: str):
     try:
         yield
     finally:
-        nnx.GroupNorm.__call__, UNet.__init__, ConvBlock.__call__ = originals
+        nnx.GroupNorm.__call__, UNet.__init__, ConvBlock.__call__, UpConv2x2.__call__ = originals
         compiled_functions.cache_clear()
 
 
-NAMED_VARIANTS = ("default", "noaug", "nonorm", "chgn", "plain")
+NAMED_VARIANTS = ("default", "noaug", "nonorm", "chgn", "plain", "convtranspose")
 MIN_VALUE = {"batch": 1, "stem": 3}  # of batch=N and stem=N
 
 

@@ -1,10 +1,11 @@
 """FLOPs of the U-Net counted from its layer shapes, and the peak FLOP/s of the device, for model FLOP utilisation.
 
-The count is analytic: the forward pass is traced (shapes only, nothing computed or compiled) and every convolution of
-the program is counted as 2 x its multiply-accumulates (MACs): a convolution produces each output pixel from
-``kh * kw * C_in / groups`` inputs for each of its ``C_out`` channels; a transposed convolution (a convolution whose
-input is dilated by its stride) multiplies each *input* pixel by the whole ``kh x kw x C_in x C_out`` kernel, so the
-zeros inserted by the dilation are not counted. A train step is forward + backward = 3 x the forward count (the
+The count is analytic: the forward pass is traced (shapes only, nothing computed or compiled) and every convolution
+and matrix product of the program is counted as 2 x its multiply-accumulates (MACs): a convolution produces each
+output pixel from ``kh * kw * C_in / groups`` inputs for each of its ``C_out`` channels; a transposed convolution (a
+convolution whose input is dilated by its stride) multiplies each *input* pixel by the whole ``kh x kw x C_in x
+C_out`` kernel, so the zeros inserted by the dilation are not counted; the U-Net's up-convolutions are matrix products
+that do exactly that (:class:`trainer.model.UpConv2x2`). A train step is forward + backward = 3 x the forward count (the
 backward pass computes the gradients of both the activations and the weights, each as costly as the forward).
 Normalisation, activations, pooling, the loss and the optimizer are left out (they are a few % and not matmuls):
 this is the usual "model FLOPs" of MFU, which XLA's ``cost_analysis()`` does not give (it counted 10.2 GFLOP for a
@@ -29,16 +30,26 @@ TRAIN_FACTOR = 3  # forward + backward
 
 
 def conv_macs(jaxpr: Jaxpr) -> int:
-    """Multiply-accumulates of every ``conv_general_dilated`` in ``jaxpr`` and its sub-programs."""
+    """Multiply-accumulates of every ``conv_general_dilated`` and ``dot_general`` in ``jaxpr`` and its
+    sub-programs."""
     total = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "conv_general_dilated":
             total += _one_conv_macs(eqn)
+        elif eqn.primitive.name == "dot_general":  # the up-convolutions (trainer.model.UpConv2x2)
+            total += _one_dot_macs(eqn)
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else (param,):
                 if isinstance(sub, (ClosedJaxpr, Jaxpr)):
                     total += conv_macs(getattr(sub, "jaxpr", sub))
     return total
+
+
+def _one_dot_macs(eqn) -> int:
+    """A matrix product's MACs: each output element sums over the contracting dimensions."""
+    (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    return math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contracting)
 
 
 def _one_conv_macs(eqn) -> int:

@@ -85,6 +85,35 @@ class ConvBlock(nnx.Module):
         return nnx.relu(y)
 
 
+class UpConv2x2(nnx.ConvTranspose):
+    """The paper's 2x2 up-convolution, stride 2: ``nnx.ConvTranspose``'s parameters (the same names, shapes and
+    initialisation, so checkpoints and seeds carry over) and function, computed as one matrix product of each input
+    pixel with the kernel [C_in, 2 x 2 x C_out] followed by a depth-to-space reshape.
+
+    Why: XLA lowers a transposed convolution to a convolution of the zero-dilated input (4x the multiplications, 3 in
+    4 of them by zeros, after a pad pass over the dilated input) and its weight gradient to a convolution with a
+    window as large as the image, which cuDNN ran with a slow Ampere-generation kernel: 14.9 % of the H200's base-32
+    train step for the top level alone (``bench/step_profile.py --profile``, 2026-11-28). A matrix product and its
+    two gradients run on cuBLAS's Hopper kernels. Built for ``kernel_size=(2, 2), strides=(2, 2), padding="VALID"``
+    only."""
+
+    def __init__(self, in_features: int, out_features: int, **kwargs):
+        super().__init__(in_features, out_features, **kwargs)
+        if (self.kernel_size, self.strides, self.padding, self.transpose_kernel) != ((2, 2), (2, 2), "VALID", False):
+            raise ValueError("UpConv2x2 is the 2x2, stride-2, VALID up-convolution only")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        b, h, w, _ = x.shape
+        # lax.conv_transpose (VALID, kernel not transposed) gives out[2i + a, 2j + c] = x[i, j] @ kernel[1 - a, 1 - c]
+        y = jnp.einsum("bhwi,acio->bhawco", x, kernel[::-1, ::-1], precision=self.precision,
+                       preferred_element_type=self.preferred_element_type)
+        y = y.reshape(b, 2 * h, 2 * w, y.shape[-1])
+        return y if bias is None else y + bias
+
+
 class UNet(nnx.Module):
     """``images`` float [B, H, W, 3] in [0, 1] -> building logits float32 [B, H, W] (``outputs=1``), or
     [B, H, W, 2]: building, border (``outputs=2``; see :func:`split_logits`). H and W divisible by 2**depth."""
@@ -107,8 +136,8 @@ class UNet(nnx.Module):
         )
         # Ordered from the deepest level up, in the order they are applied.
         self.upsample = nnx.List(
-            [nnx.ConvTranspose(widths[level + 1], widths[level], kernel_size=(2, 2), strides=(2, 2), padding="VALID",
-                               kernel_init=nnx.initializers.he_normal(), **kw)
+            [UpConv2x2(widths[level + 1], widths[level], kernel_size=(2, 2), strides=(2, 2), padding="VALID",
+                       kernel_init=nnx.initializers.he_normal(), **kw)
              for level in reversed(range(depth))]
         )
         self.decoder = nnx.List([ConvBlock(2 * widths[level], widths[level], **block)

@@ -118,12 +118,15 @@ def test_kampala_harvested_here_is_read_there_as_harvested(kampala_export, kampa
 
 @pytest.mark.slow
 def test_the_quality_run_trains_and_measures_a_recipe(kampala_database):
-    """The GPU session's quality run, at toy sizes on the CPU: a recipe trained, its test metrics at the end and along
-    the run, with the small predictions left out, and on its own training crops."""
+    """The GPU session's quality run, at toy sizes on the CPU: a recipe trained once per seed, its test metrics at the
+    end and along the run, with the small predictions left out, and on its own training crops."""
     recipes = gpu_report.recipe_options(["today"])  # the residual recipes add TTA: tested with `evaluate --tta`
-    [row] = gpu_report.quality_run({"grid": kampala_database}, recipes, base=4, depth=2, batch=4, steps=4, workers=1,
-                                   lr=1e-3, curve_every=2)
+    row, other = gpu_report.quality_run({"grid": kampala_database}, recipes, base=4, depth=2, batch=4, steps=4,
+                                        workers=1, lr=1e-3, curve_every=2, seeds=(0, 1))
 
+    assert (row["seed"], other["seed"], other["recipe"]) == (0, 1, "today")
+    # another initialisation, order and augmentation: another model
+    assert any(row[key] != other[key] for key in ("test_iou", "test_precision", "train_iou", "train_pixel_accuracy"))
     assert row["recipe"] == "today" and row["options"]["residual"] is False and "tta_test_iou" not in row
     assert row["steps"] == 4 and row["train_samples"] == 126 and row["test_samples"] == 21
     assert row["train_s"] > 0 and 0 <= row["data_wait_fraction"] < 1

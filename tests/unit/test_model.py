@@ -151,3 +151,35 @@ def test_max_pool_2x2_matches_flax_pooling_values_and_gradients():
     grad = jax.grad(lambda a: (max_pool_2x2(a) ** 2).sum())(x)
     grad_reference = jax.grad(lambda a: (nnx.max_pool(a, window_shape=(2, 2), strides=(2, 2)) ** 2).sum())(x)
     np.testing.assert_array_equal(np.asarray(grad), np.asarray(grad_reference))
+
+
+def test_up_convolution_is_flax_conv_transpose_in_values_gradients_and_parameters():
+    """The U-Net's up-convolution (a matrix product + depth-to-space) computes what nnx.ConvTranspose computes, with
+    the same parameters drawn the same way: old checkpoints and seeds give the same model."""
+    from trainer.model import UpConv2x2
+
+    def build(cls, bias_seed):
+        layer = cls(6, 4, kernel_size=(2, 2), strides=(2, 2), padding="VALID",
+                    kernel_init=nnx.initializers.he_normal(), rngs=nnx.Rngs(7))
+        layer.bias[...] = jax.random.normal(jax.random.key(bias_seed), (4,))  # a non-zero bias, to check its add
+        return layer
+
+    ours, reference = build(UpConv2x2, 1), build(nnx.ConvTranspose, 1)
+    np.testing.assert_array_equal(np.asarray(ours.kernel[...]), np.asarray(reference.kernel[...]))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 7, 6)), jnp.float32)
+    assert ours(x).shape == (2, 10, 14, 4)
+    np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(reference(x)), rtol=1e-5, atol=1e-5)
+
+    def grads(layer):
+        def loss(model, inputs):
+            return (model(inputs) ** 2 * jnp.arange(4.0)).sum()
+
+        return nnx.grad(loss, argnums=(0, 1))(layer, x)
+
+    (ours_params, ours_x), (ref_params, ref_x) = grads(ours), grads(reference)
+    np.testing.assert_allclose(np.asarray(ours_x), np.asarray(ref_x), rtol=1e-5, atol=1e-5)
+    for name in ("kernel", "bias"):
+        np.testing.assert_allclose(np.asarray(getattr(ours_params, name)[...]),
+                                   np.asarray(getattr(ref_params, name)[...]), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="2x2, stride-2"):
+        UpConv2x2(6, 4, kernel_size=(3, 3), strides=(2, 2), padding="VALID", rngs=nnx.Rngs(0))

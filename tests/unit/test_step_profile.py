@@ -1,5 +1,5 @@
-"""bench/step_profile.py: its GroupNorm variant computes nnx.GroupNorm's function, its stem variant the 3-channel
-model's, its XLA variant's options reach the step's compilation, a mistyped variant stops the run, and its trace
+"""bench/step_profile.py: its GroupNorm variant computes nnx.GroupNorm's function, its stem and convtranspose variants
+the default model's, its XLA variant's options reach the step's compilation, a mistyped variant stops the run, and its trace
 summary puts the time where the program spends it, each instruction with its operands' shapes."""
 
 import jax
@@ -64,6 +64,18 @@ def test_stem_pads_with_zeros_and_keeps_the_function(residual):
             for logits in (three(images), padded)]
     np.testing.assert_allclose(padded, three(images), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(loss[0], loss[1], rtol=1e-6)
+
+
+def test_convtranspose_variant_is_the_same_model_through_a_transposed_convolution():
+    """The baseline variant of the up-convolution: the same logits, but the program convolves a dilated input where
+    the default multiplies matrices."""
+    model = model_factory(4, 2, "float32", 0, residual=True)()
+    images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+    default = model(images)
+    with patched("convtranspose"):
+        np.testing.assert_allclose(model(images), default, atol=1e-5, rtol=1e-5)
+        assert "lhs_dilation=(2, 2)" in str(jax.make_jaxpr(lambda x: model(x))(images))
+    assert "lhs_dilation=(2, 2)" not in str(jax.make_jaxpr(lambda x: model(x))(images))
 
 
 def test_stem_variant_runs_the_step_with_an_n_channel_first_convolution():
