@@ -9,8 +9,8 @@
 #   each writes $OUT/*.json and *.log and prints the tables.
 #
 # 1. step_profile: the default step (up-convolutions as matrix products, trainer.model.UpConv2x2) against the
-#    transposed convolution it replaced (whose weight gradient was 14.9 % of the H200's step), and a profile of the
-#    default. Then gpu_report --quality on Dubai: 3,000 steps of the two default recipes the last session's time did
+#    transposed convolution it replaced (whose weight gradient was 14.9 % of the H200's step) and against the 1 x 1
+#    convolutions as matrix products too (matmul1x1), and a profile of the default. Then gpu_report --quality on Dubai: 3,000 steps of the two default recipes the last session's time did
 #    not reach (weight decay 0.05, Lovasz 0.2), with the test IoU along each run and the IoU on the training crops.
 # 2. gpu_report --quality on Kampala (OSM labels with instances): residual and residual + borders, 500 steps, seeds
 #    1 and 2 (seed 0 ran on 2026-11-28: the border output gave object F1 0.540 against 0.434 with TTA; is it real?).
@@ -37,10 +37,10 @@ kampala_recipes="residual,residual + borders"
 
 case "$part" in
 1)
-    timeout 150 "$python" bench/step_profile.py "${profile[@]}" --variants default,convtranspose --top 25 \
+    timeout 170 "$python" bench/step_profile.py "${profile[@]}" --variants default,convtranspose,matmul1x1 --top 25 \
         --out "$out/profile.json" > "$out/profile.log" 2>&1
     echo "step_profile: exit $?"
-    timeout 330 "$python" bench/gpu_report.py --quality --datasets dubai "${quality[@]}" --recipes "$dubai_recipes" \
+    timeout 320 "$python" bench/gpu_report.py --quality --datasets dubai "${quality[@]}" --recipes "$dubai_recipes" \
         --out "$out/quality-dubai.json" > "$out/quality-dubai.log" 2>&1
     echo "gpu_report --quality --datasets dubai: exit $?"
     logs=("$out/profile.log" "$out/quality-dubai.log")

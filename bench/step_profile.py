@@ -6,7 +6,9 @@ Variants (``--variants``, comma-separated): ``default``; ``batch=N``; ``noaug`` 
 ``nonorm`` (GroupNorm replaced by the identity: the most any normalisation change could gain); ``chgn`` (GroupNorm
 computed from per-channel sums, the same function in another reduction order); ``plain`` (no residual blocks);
 ``convtranspose`` (the up-convolutions as ``nnx.ConvTranspose``'s transposed convolution, as before 2026-11-28,
-instead of :class:`trainer.model.UpConv2x2`'s matrix product: the same function);
+instead of :class:`trainer.model.UpConv2x2`'s matrix product: the same function); ``matmul1x1`` (the 1 x 1
+convolutions, the head and the residual projections, as matrix products over the channels: the same function; the
+H200 ran the head's as cuDNN convolutions at about a tenth of their memory-bound speed);
 ``stem=N`` (the images' 3 channels zero-padded to N inside the model, before its first convolution, built for N
 input channels: the same function, without the 3-channel convolution that cuDNN pads; the FLOPs, so the MFU, still
 count 3 channels); ``xla:FLAG=VALUE[;FLAG=VALUE...]`` (the default step compiled with these XLA options, e.g.
@@ -76,6 +78,23 @@ def zero_padded(block_call):
     return call
 
 
+def pointwise_as_matmul(conv_call):
+    """``nnx.Conv.__call__`` that computes a 1 x 1, stride-1 convolution (the head, the residual projections) as a
+    matrix product over the channels (the same function); every other convolution as before."""
+    import jax.numpy as jnp
+
+    def call(self, x):
+        if tuple(self.kernel_size) != (1, 1) or self.strides not in (1, (1, 1)):
+            return conv_call(self, x)
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        y = jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0])
+        return y if bias is None else y + bias
+
+    return call
+
+
 @contextlib.contextmanager
 def patched(variant: str):
     """The model patch a variant needs (GroupNorm replaced; the first block built for, and fed, N channels), undone
@@ -85,9 +104,11 @@ def patched(variant: str):
     from trainer.model import ConvBlock, UNet, UpConv2x2
     from trainer.steps import compiled_functions
 
-    originals = nnx.GroupNorm.__call__, UNet.__init__, ConvBlock.__call__, UpConv2x2.__call__
+    originals = nnx.GroupNorm.__call__, UNet.__init__, ConvBlock.__call__, UpConv2x2.__call__, nnx.Conv.__call__
     if variant == "convtranspose":
         UpConv2x2.__call__ = nnx.ConvTranspose.__call__
+    elif variant == "matmul1x1":
+        nnx.Conv.__call__ = pointwise_as_matmul(nnx.Conv.__call__)
     elif variant == "nonorm":
         nnx.GroupNorm.__call__ = lambda self, x, *, mask=None: x
     elif variant == "chgn":
@@ -100,11 +121,11 @@ def patched(variant: str):
     try:
         yield
     finally:
-        nnx.GroupNorm.__call__, UNet.__init__, ConvBlock.__call__, UpConv2x2.__call__ = originals
+        nnx.GroupNorm.__call__, UNet.__init__, ConvBlock.__call__, UpConv2x2.__call__, nnx.Conv.__call__ = originals
         compiled_functions.cache_clear()
 
 
-NAMED_VARIANTS = ("default", "noaug", "nonorm", "chgn", "plain", "convtranspose")
+NAMED_VARIANTS = ("default", "noaug", "nonorm", "chgn", "plain", "convtranspose", "matmul1x1")
 MIN_VALUE = {"batch": 1, "stem": 3}  # of batch=N and stem=N
 
 

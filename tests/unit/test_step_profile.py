@@ -78,6 +78,20 @@ def test_convtranspose_variant_is_the_same_model_through_a_transposed_convolutio
     assert "lhs_dilation=(2, 2)" not in str(jax.make_jaxpr(lambda x: model(x))(images))
 
 
+def test_matmul1x1_variant_is_the_same_model_without_pointwise_convolutions():
+    model = model_factory(4, 2, "float32", 0, residual=True)()
+    images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+
+    def convolutions():
+        return str(jax.make_jaxpr(lambda x: model(x))(images)).count("conv_general_dilated[")
+
+    default, default_convolutions = model(images), convolutions()
+    with patched("matmul1x1"):
+        np.testing.assert_allclose(model(images), default, atol=1e-5, rtol=1e-5)
+        # 5 blocks at depth 2 (3 encoder, 2 decoder) of two 3 x 3 convolutions each; the 1 x 1 ones are products now
+        assert convolutions() == 10 < default_convolutions
+
+
 def test_stem_variant_runs_the_step_with_an_n_channel_first_convolution():
     programs = []
     row = run_variant("stem=8", 4, 2, 1, depth=1, on_compiled=lambda compiled: programs.append(compiled.as_text()))
