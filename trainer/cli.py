@@ -3,7 +3,8 @@
 Settings follow the SPEC's rule: ``DATABASE_URL`` from the environment, the ``--database-url`` flag winning over it.
 A malformed flag or variable stops the program at start with one line on stderr naming it, exit status 2. Other
 failures (no checkpoint, training diverged, database unreachable) print one ``trainer: error: ...`` line, exit 1;
-Ctrl-C during training saves a checkpoint and exits 130. The database password is never printed.
+Ctrl-C during training saves a checkpoint and exits 130; SIGTERM (``kill``, ``docker stop``, a cloud preemption
+notice) does the same and exits 143. The database password is never printed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from harvester.splits import SPLITS
@@ -25,7 +28,16 @@ from .errors import ConfigError, TrainerError
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: handled as Ctrl-C is (the training's step checkpointed, the input
+    pipeline's workers stopped), so that a ``kill``, ``docker stop`` or preemption loses no finished step."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 _NOISY_LOGGERS = ("jax", "orbax", "asyncio")
 
 
@@ -302,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "benchmark": _benchmark}[args.command]
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return handler(args)
     except ConfigError as exc:
@@ -310,10 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerError as exc:
         print(f"trainer {args.command}: error: {_safe(exc)}", file=sys.stderr)
         return EXIT_FAILED
+    except Terminated:
+        print(f"trainer {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"trainer {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         compile_cache.log_summary()
 
 

@@ -214,7 +214,7 @@ def train_and_evaluate(config: TrainConfig, workdir: Path | str, *, stop_after: 
                         validate(step)
                     if do_save:
                         checkpoints.save_latest(step, state)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (trainer.cli.Terminated)
             check_and_log(step)
             if step > (checkpoints.latest_step() or 0):
                 try:
@@ -222,7 +222,7 @@ def train_and_evaluate(config: TrainConfig, workdir: Path | str, *, stop_after: 
                 except RuntimeError:  # interrupted inside a step: its input state was already donated
                     log.exception("could not checkpoint step %d; resuming will start from step %s", step,
                                   checkpoints.latest_step())
-                    raise KeyboardInterrupt from None
+                    raise type(interrupt)() from None
             log.warning("interrupted at step %d; checkpoint saved, run the same command to resume", step)
             raise
         finally:

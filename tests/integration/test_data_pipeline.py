@@ -24,6 +24,7 @@ from PIL import Image
 
 from harvester.store import insert_external_sample
 from tests.databases import TempDatabase
+from tests.processes import alive, state, wait_gone
 from trainer.data import Batch, SampleStream, prefetch_to_device
 from trainer.errors import DataError
 
@@ -278,40 +279,19 @@ def test_rows_that_do_not_decode_are_skipped_counted_and_logged(own_stored, capl
         assert f"skipping sample {sample_id}:" in logged
 
 
-def _state(pid: int) -> str:
-    """The process state letter of ``pid`` (R, S, D, Z...), "gone" when there is no such process."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return "gone"
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie awaiting its parent's wait() counts as gone)."""
-    return _state(pid) not in ("Z", "X", "gone")
-
-
-def _wait_gone(pids: list[int], limit_s: float = 30.0) -> list[int]:
-    """The pids still alive after waiting up to ``limit_s`` for them to exit (a liveness wait, not a timing)."""
-    deadline = time.monotonic() + limit_s
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return [p for p in pids if _alive(p)]
-
-
 def test_workers_live_as_long_as_the_stream_and_stop_with_it(stored):
     with SampleStream(stored.url, "train", None, 2, decode_workers=3, prefetch=2) as stream:
         assert stream.worker_pids() == []  # started by the first epoch
         for _batch in stream.epoch(0):
             break
         pids = stream.worker_pids()
-        assert len(pids) == 3 and all(_alive(p) for p in pids)
+        assert len(pids) == 3 and all(alive(p) for p in pids)
         assert len(list(stream.epoch(1))) == 15
         assert stream.worker_pids() == pids  # the same processes, epoch after epoch
         iterator = stream.epoch(2)
         next(iterator)
         stream.close()  # close() stops an epoch still being read
-        assert stream.worker_pids() == [] and not any(_alive(p) for p in pids)
+        assert stream.worker_pids() == [] and not any(alive(p) for p in pids)
         with pytest.raises(DataError, match="closed"):
             next(iterator)
         with pytest.raises(DataError, match="closed"):
@@ -333,7 +313,7 @@ def test_an_exception_in_the_consumer_stops_the_workers(stored):
             for _batch in stream.epoch(0):
                 pids = stream.worker_pids()
                 1 / 0
-    assert len(pids) == 2 and not any(_alive(p) for p in pids)
+    assert len(pids) == 2 and not any(alive(p) for p in pids)
 
 
 _CONSUMER = """
@@ -363,7 +343,7 @@ def test_no_worker_outlives_a_consumer_interrupted_or_killed(stored, tmp_path, s
                                 start_new_session=True)  # a signal to it alone, not to our group
     try:
         pids = [int(p) for p in consumer.stdout.readline().split()]
-        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        assert len(pids) == 2 and all(alive(p) for p in pids)
         consumer.send_signal(sig)
         try:
             consumer.wait(60)
@@ -371,13 +351,13 @@ def test_no_worker_outlives_a_consumer_interrupted_or_killed(stored, tmp_path, s
             consumer.send_signal(signal.SIGUSR1)
             time.sleep(1)
             consumer.kill()
-            states = {p: _state(p) for p in pids}
+            states = {p: state(p) for p in pids}
             pytest.fail(f"the consumer did not stop within 60 s of {sig!r}; workers {states}; its stderr:\n"
                         f"{consumer.communicate()[1][-8000:]}")
     finally:
         consumer.kill()
         consumer.communicate()
-    assert _wait_gone(pids) == []
+    assert wait_gone(pids) == []
     if sig == signal.SIGINT:
         assert consumer.returncode != 0  # the KeyboardInterrupt went through the `with` and stopped the script
 
@@ -388,7 +368,7 @@ def test_a_dead_worker_is_a_clear_error(stored):
         next(iterator)
         (pid,) = stream.worker_pids()
         os.kill(pid, signal.SIGKILL)
-        assert _wait_gone([pid]) == []
+        assert wait_gone([pid]) == []
         with pytest.raises(DataError, match="died"):
             list(stream.epoch(1))
 
@@ -407,7 +387,7 @@ def test_database_errors_reach_the_consumer(own_stored):
         with pytest.raises(asyncpg.UndefinedTableError):
             list(stream.epoch(0))
         pids = stream.worker_pids()
-    assert pids and not any(_alive(p) for p in pids)
+    assert pids and not any(alive(p) for p in pids)
 
 
 def test_unreachable_database_raises_a_clear_error():

@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -245,6 +246,40 @@ def test_sigkilled_run_resumes_from_its_checkpoint_to_the_end(trained, tmp_path)
     assert [r["step"] for r in records if r["kind"] == "val"] == [total]
     assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
     assert int(_restore_latest_params(workdir).step) == total
+
+
+def test_sigterm_checkpoints_the_step_reached_stops_the_workers_and_exits_143(trained, tmp_path):
+    """A ``kill``, ``docker stop`` or a cloud preemption notice (SIGTERM) stops ``trainer train`` as Ctrl-C does:
+    the step it reached is checkpointed (not only the last periodic checkpoint), its decode workers exit with it,
+    and the exit status says why."""
+    import signal
+
+    from tests.processes import children, wait_gone
+
+    workdir, total = tmp_path / "run", 2000
+    args = ["train", "--workdir", str(workdir), "--steps", str(total), "--batch-size", "4", *TINY,
+            "--eval-every", str(total), "--checkpoint-every", "3", "--decode-workers", "2"]
+    env = {**os.environ, "DATABASE_URL": trained["url"]}
+    process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO_ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # the signal to it alone, as `kill PID` sends it
+    try:
+        deadline = time.monotonic() + 240
+        while not _latest_steps(workdir) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        workers = children(process.pid)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.communicate()
+    assert process.returncode == 143, stderr[-3000:]
+    assert "trainer train: terminated (SIGTERM)" in stderr
+    interrupted = re.search(r"interrupted at step (\d+); checkpoint saved", stderr)
+    assert interrupted, stderr[-3000:]
+    step = int(interrupted.group(1))
+    assert 3 <= step < total and max(_latest_steps(workdir)) == step  # the step reached, checkpointed
+    assert len(workers) >= 2 and wait_gone(workers) == []  # the decode workers (and any helper) exited with it
 
 
 async def _corrupt_one_image(url: str, split: str) -> int:
