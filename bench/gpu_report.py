@@ -433,6 +433,10 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
             out.update({prefix + k: v for k, v in result.items() if k != "per_zoom"})
             out.update({f"{prefix}object_f1_min_area_{area}": m.result()["object_f1"] for area, m in by_area.items()})
     out["seconds"] = time.perf_counter() - started
+    # where a recipe's time goes (the GPU session's lease is short): the compile with the first step, the timed
+    # training, and the rest (the evaluations along the run, on the training crops, on test with and without TTA)
+    out["first_step_s"] = (timed_from or started) - started
+    out["eval_s"] = out["seconds"] - out["first_step_s"] - train_s
     return out
 
 
@@ -509,6 +513,8 @@ def quality_run(urls: dict[str, str], recipes: list[tuple[str, dict]], *, base: 
                                  curve_every=curve_every, seed=seed)
             row["recipe"] = name
             rows.append(row)
+            print(f"  {name}{seed_tag(row)}: {row['seconds']:.0f} s: compile + first step {row['first_step_s']:.0f} s,"
+                  f" training {row['train_s']:.0f} s, evaluations {row['eval_s']:.0f} s", flush=True)
             print(f"quality: {json.dumps(row)}", flush=True)
     return rows
 

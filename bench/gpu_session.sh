@@ -12,7 +12,7 @@
 #    transposed convolution it replaced (whose weight gradient was 14.9 % of the H200's step) and against the 1 x 1
 #    convolutions as matrix products too (matmul1x1), and a profile of the default. Then gpu_report --quality on Dubai: 3,000 steps of the two default recipes the last session's time did
 #    not reach (weight decay 0.05, Lovasz 0.2), with the test IoU along each run and the IoU on the training crops.
-# 2. gpu_report --quality on Kampala (OSM labels with instances): residual and residual + borders, 500 steps, seeds
+# 2. gpu_report --quality on Kampala (OSM labels with instances): residual, residual + borders, today, 500 steps, seeds
 #    1 and 2 (seed 0 ran on 2026-11-28: the border output gave object F1 0.540 against 0.434 with TTA; is it real?).
 # Each recipe's row is printed as it finishes ("quality: {...}" in the log), so a timeout loses only the recipe it
 # stopped. One recipe takes ~120-150 s on an H200 (60 s of training, the rest compiling and evaluating).
@@ -33,7 +33,7 @@ else
 fi
 
 dubai_recipes="residual + overlapping crops + weight decay 0.05,residual + overlapping crops + Lovasz 0.2"
-kampala_recipes="residual,residual + borders"
+kampala_recipes="residual,residual + borders,today"
 
 case "$part" in
 1)

@@ -130,6 +130,8 @@ def test_the_quality_run_trains_and_measures_a_recipe(kampala_database):
     assert row["recipe"] == "today" and row["options"]["residual"] is False and "tta_test_iou" not in row
     assert row["steps"] == 4 and row["train_samples"] == 126 and row["test_samples"] == 21
     assert row["train_s"] > 0 and 0 <= row["data_wait_fraction"] < 1
+    assert row["first_step_s"] > 0 and row["eval_s"] > 0  # the compile and the evaluations are not in train_s
+    assert row["first_step_s"] + row["train_s"] + row["eval_s"] == pytest.approx(row["seconds"])
     assert [point["step"] for point in row["curve"]] == [2]  # every 2 steps before the last
     assert row["curve"][0]["samples"] == 21  # the whole test split
     for prefix in ("test_", "train_"):
