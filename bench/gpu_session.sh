@@ -10,8 +10,9 @@
 #
 # 1. step_profile: the default step (up-convolutions as matrix products, trainer.model.UpConv2x2) against the
 #    transposed convolution it replaced (whose weight gradient was 14.9 % of the H200's step) and against the 1 x 1
-#    convolutions as matrix products too (matmul1x1), and a profile of the default. Then gpu_report --quality on Dubai: 3,000 steps of the two default recipes the last session's time did
-#    not reach (weight decay 0.05, Lovasz 0.2), with the test IoU along each run and the IoU on the training crops.
+#    convolutions as matrix products too (matmul1x1), and a profile of the default. Then gpu_report --quality on
+#    Dubai: 3,000 steps of the two default recipes the last session's time did not reach (weight decay 0.05, Lovasz
+#    0.2), with the test IoU along each run and the IoU on the training crops.
 # 2. gpu_report --quality on Kampala (OSM labels with instances): residual, residual + borders, today, 500 steps, seeds
 #    1 and 2 (seed 0 ran on 2026-11-28: the border output gave object F1 0.540 against 0.434 with TTA; is it real?).
 # Each recipe's row is printed as it finishes ("quality: {...}" in the log), so a timeout loses only the recipe it
@@ -46,8 +47,8 @@ case "$part" in
     logs=("$out/profile.log" "$out/quality-dubai.log")
     ;;
 2)
-    timeout 250 "$python" bench/gpu_report.py --quality --datasets kampala "${quality[@]}" --recipes "$kampala_recipes" \
-        --seeds 1,2 \
+    timeout 250 "$python" bench/gpu_report.py --quality --datasets kampala "${quality[@]}" \
+        --recipes "$kampala_recipes" --seeds 1,2 \
         --out "$out/quality-kampala.json" > "$out/quality-kampala.log" 2>&1
     echo "gpu_report --quality --datasets kampala: exit $?"
     logs=("$out/quality-kampala.log")

@@ -29,6 +29,7 @@ from .errors import ConfigError, TrainerError
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+_NOISY_LOGGERS = ("jax", "orbax", "asyncio")
 
 
 class Terminated(KeyboardInterrupt):
@@ -38,7 +39,6 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum, frame):
     raise Terminated()
-_NOISY_LOGGERS = ("jax", "orbax", "asyncio")
 
 
 class _Parser(argparse.ArgumentParser):

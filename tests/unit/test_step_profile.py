@@ -1,6 +1,7 @@
-"""bench/step_profile.py: its GroupNorm variant computes nnx.GroupNorm's function, its stem and convtranspose variants
-the default model's, its XLA variant's options reach the step's compilation, a mistyped variant stops the run, and its trace
-summary puts the time where the program spends it, each instruction with its operands' shapes."""
+"""bench/step_profile.py: its GroupNorm variant computes nnx.GroupNorm's function, its stem, convtranspose and
+matmul1x1 variants the default model's, its XLA variant's options reach the step's compilation, a mistyped variant
+stops the run, and its trace summary puts the time where the program spends it, each instruction with its operands'
+shapes."""
 
 import jax
 import jax.numpy as jnp
