@@ -33,7 +33,7 @@ fi
 # on TEST_WORKERS processes (pytest-xdist, default 2). The timing tests mostly wait (a quarter of 2 cores): they run on
 # 2 processes too, the ones that start several harvester processes each (group harvester_processes) one at a time.
 # On the 2-core development machine: one process took 939 s for everything; the first part 252-595 s, the timing
-# tests 325-341 s alone, 165-211 s on 2 processes.
+# tests 325-341 s alone, 158-211 s on 2 processes.
 # Exit status 5 (no test selected) of one part is not a failure: arguments may name tests of one part only.
 status=0; .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" -m "not timing" "$@" || status=$?
 timing=0; .venv/bin/python -m pytest -q -n 2 --dist loadgroup -m timing "$@" || timing=$?
