@@ -104,14 +104,14 @@ class UpConv2x2(nnx.ConvTranspose):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
-        bias = self.bias[...] if self.bias is not None else None
-        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        # as nnx's promote_dtype: the module's compute dtype, else the inputs' common one
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
         b, h, w, _ = x.shape
         # lax.conv_transpose (VALID, kernel not transposed) gives out[2i + a, 2j + c] = x[i, j] @ kernel[1 - a, 1 - c]
-        y = jnp.einsum("bhwi,acio->bhawco", x, kernel[::-1, ::-1], precision=self.precision,
-                       preferred_element_type=self.preferred_element_type)
+        y = jnp.einsum("bhwi,acio->bhawco", x, kernel[::-1, ::-1], precision=self.precision)
         y = y.reshape(b, 2 * h, 2 * w, y.shape[-1])
-        return y if bias is None else y + bias
+        return y if self.bias is None else y + self.bias[...].astype(dtype)
 
 
 class UNet(nnx.Module):

@@ -181,5 +181,11 @@ def test_up_convolution_is_flax_conv_transpose_in_values_gradients_and_parameter
     for name in ("kernel", "bias"):
         np.testing.assert_allclose(np.asarray(getattr(ours_params, name)[...]),
                                    np.asarray(getattr(ref_params, name)[...]), rtol=1e-5, atol=1e-4)
+    # mixed precision (the GPU's): float32 parameters, bfloat16 compute and output, as nnx.ConvTranspose
+    half = [cls(6, 4, kernel_size=(2, 2), strides=(2, 2), padding="VALID", dtype=jnp.bfloat16, rngs=nnx.Rngs(7))
+            for cls in (UpConv2x2, nnx.ConvTranspose)]
+    outputs = [layer(x) for layer in half]
+    assert outputs[0].dtype == outputs[1].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(outputs[0], np.float32), np.asarray(outputs[1], np.float32), atol=0.05)
     with pytest.raises(ValueError, match="2x2, stride-2"):
         UpConv2x2(6, 4, kernel_size=(3, 3), strides=(2, 2), padding="VALID", rngs=nnx.Rngs(0))
