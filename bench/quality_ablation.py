@@ -6,13 +6,13 @@ steps.
                                      [--rows 5,11] [--seeds 0,1,2]
 
 Without ``--database-url`` dubai-aerial is loaded into a fresh database ``tilesmith_real_dubai`` (that of
-``bench.real_imagery``; dropped at the end unless ``--keep``). The split of each row is set in the database before it trains: ``old`` = the split before
-issue 11 (Tile_1-6 train, all of Tile_7 val), ``new`` = :func:`trainer.datasets.dubai_split` (images 4-9 of Tile_7
-move to train); ``Tile_8`` is the test split of both. Prints one JSON line per row and seed as it finishes, then a
-Markdown table: test IoU, F1, object F1 (buildings separated by :func:`trainer.instances.separate_buildings`), steps,
-minutes, and the 1-minute load average of the machine before and after the row. With several ``--seeds`` (the seed
-of initialisation, shuffling and augmentation) each figure is the mean over the seeds, with its range: a difference
-between rows inside the ranges is noise.
+``bench.real_imagery``; dropped at the end unless ``--keep``). The split of each row is set in the database before it
+trains: ``old`` = the split before issue 11 (Tile_1-6 train, all of Tile_7 val), ``new`` =
+:func:`trainer.datasets.dubai_split` (images 4-9 of Tile_7 move to train); ``Tile_8`` is the test split of both.
+Prints one JSON line per row and seed as it finishes, then a Markdown table: test IoU, F1, object F1 (buildings
+separated by :func:`trainer.instances.separate_buildings`), steps, minutes, and the 1-minute load average of the
+machine before and after the row. With several ``--seeds`` (the seed of initialisation, shuffling and augmentation)
+each figure is the mean over the seeds, with its range: a difference between rows inside the ranges is noise.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.gpu_report import seed_list  # noqa: E402
 from bench.real_imagery import DATABASES, drop_database, fresh_database, load  # noqa: E402
 
 # (name, split, train flags, evaluate flags): each row is today's recipe with the changes it names.
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--rows", help="comma-separated row numbers to run (default: all)")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds, each row trained once per seed (default 0)")
+    parser.add_argument("--seeds", type=seed_list, default=(0,),
+                        help="comma-separated seeds, each row trained once per seed (default 0)")
     parser.add_argument("--keep", action="store_true", help="keep the database it loaded")
     args = parser.parse_args(argv)
     url = args.database_url
@@ -166,11 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         url = fresh_database(DATABASES["dubai"])
         load("dubai", url, REPO_ROOT.parent / "shared" / "data" / "dubai-aerial")
     chosen = [ROWS[int(i)] for i in args.rows.split(",")] if args.rows else ROWS
-    seeds = [int(s) for s in args.seeds.split(",")]
     results, workdirs = [], {}
     try:
         for name, layout, train_flags, eval_flags in chosen:
-            for seed in seeds:
+            for seed in args.seeds:
                 result = run_row(url, name, layout, train_flags, eval_flags, steps=args.steps,
                                  base_filters=args.base_filters, batch_size=args.batch_size, lr=args.lr, seed=seed,
                                  workdirs=workdirs)

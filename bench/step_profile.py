@@ -87,10 +87,9 @@ def pointwise_as_matmul(conv_call):
         if tuple(self.kernel_size) != (1, 1) or self.strides not in (1, (1, 1)):
             return conv_call(self, x)
         kernel = self.kernel[...]
-        bias = self.bias[...] if self.bias is not None else None
-        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
-        y = jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0])
-        return y if bias is None else y + bias
+        dtype = self.dtype or jnp.result_type(x, kernel)  # as trainer.model.UpConv2x2 (nnx's promote_dtype rule)
+        y = jnp.einsum("bhwi,io->bhwo", x.astype(dtype), kernel[0, 0].astype(dtype))
+        return y if self.bias is None else y + self.bias[...].astype(dtype)
 
     return call
 
