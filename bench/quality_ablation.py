@@ -64,6 +64,12 @@ ROWS = [
                                                  "--lr", "1e-3"], []),  # 12
     ("split + residual blocks + lr 1e-2", "new", ["--no-borders", "--residual", "--separation-weight", "0",
                                                  "--lr", "1e-2"], []),  # 13
+    # the moving average of the parameters, and the same runs' own parameters (one training per seed for both rows)
+    ("split + residual blocks + EMA 0.999", "new", ["--no-borders", "--residual", "--separation-weight", "0",
+                                                   "--ema-decay", "0.999"], []),  # 14
+    ("split + residual blocks + EMA 0.999: the same runs' own parameters", "new",
+     ["--no-borders", "--residual", "--separation-weight", "0", "--ema-decay", "0.999"],
+     ["--checkpoint", "latest", "--no-ema"]),  # 15
 ]
 
 

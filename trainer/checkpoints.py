@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import BestN, LatestN
@@ -83,15 +83,21 @@ class Checkpoints:
             raise CheckpointError(f"no checkpoint in {self.root / 'latest'}")
         return self.latest.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
-    def restore_params(self, abstract_params: Any, abstract_state: Any) -> tuple[Any, str, int]:
-        """Parameters of the best checkpoint, else of the latest: ``(params, "best" | "latest", step)``."""
-        step = self.best_step()
+    def restore_params(self, abstract_params: Any, abstract_state: Any, *, which: str = "best",
+                       from_state: Callable[[Any], Any] = lambda state: state.params) -> tuple[Any, str, int]:
+        """Parameters of the best checkpoint (``which="best"``), else of the latest, or of the latest alone
+        (``which="latest"``): ``(params, "best" | "latest", step)``. ``from_state`` picks the parameters of a full
+        train state (the latest checkpoints hold those)."""
+        if which not in ("best", "latest"):
+            raise ValueError(f"which must be 'best' or 'latest', not {which!r}")
+        step = self.best_step() if which == "best" else None
         if step is not None:
             return self.best.restore(step, args=ocp.args.StandardRestore(abstract_params)), "best", step
         step = self.latest_step()
         if step is not None:
-            log.warning("no best checkpoint in %s (no validation ran); using the latest, step %d", self.root, step)
-            return self.restore_latest(abstract_state).params, "latest", step
+            if which == "best":
+                log.warning("no best checkpoint in %s (no validation ran); using the latest, step %d", self.root, step)
+            return from_state(self.restore_latest(abstract_state)), "latest", step
         raise CheckpointError(
             f"no checkpoint in {self.root}: train first with `trainer train --workdir {self.root.parent}`"
         )

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from harvester.splits import SPLITS
 
-from .config import (DEFAULT_DATABASE_URL, DEFAULT_DECODE_WORKERS, DEFAULT_EPOCHS, OBJECT_MIN_AREA, TRAIN_DEFAULTS,
-                     check_database_url, parse_zooms, redact_url, resolve_batch_size)
+from .config import (CHECKPOINTS, DEFAULT_DATABASE_URL, DEFAULT_DECODE_WORKERS, DEFAULT_EPOCHS, OBJECT_MIN_AREA,
+                     TRAIN_DEFAULTS, check_database_url, parse_zooms, redact_url, resolve_batch_size)
 from . import compile_cache
 from .errors import ConfigError, TrainerError
 
@@ -86,6 +86,13 @@ def _non_negative_float(text: str) -> float:
     value = _finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _ema_decay(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a decay in [0, 1) (0 = off), got {text!r}")
     return value
 
 
@@ -163,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                        f"(default {defaults.lovasz_weight:g} = off)")
     train.add_argument("--residual", action=argparse.BooleanOptionalAction, default=defaults.residual,
                        help=f"residual U-Net blocks (default {'on' if defaults.residual else 'off'})")
+    train.add_argument("--ema-decay", type=_ema_decay, default=defaults.ema_decay, metavar="DECAY",
+                       help="keep a moving average of the parameters (e.g. 0.999; warmed up as min(DECAY, (1+t)/"
+                       "(10+t))) and validate, save as best, evaluate and predict with it (default 0: off)")
     train.add_argument("--decode-workers", type=_positive_int, default=DEFAULT_DECODE_WORKERS,
                        help=f"worker processes fetching and decoding images (default {DEFAULT_DECODE_WORKERS}: the "
                        "CPU count, at most 16)")
@@ -179,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--min-area", type=_non_negative_int, default=OBJECT_MIN_AREA, metavar="PIXELS",
                           help="object_f1: buildings smaller than this, true or predicted, are not counted (default "
                           f"{OBJECT_MIN_AREA}, as SpaceNet scores; 0: every component)")
+    evaluate.add_argument("--checkpoint", choices=CHECKPOINTS, default="best", help="best: the highest validation "
+                          "IoU (the latest when no validation ran); latest: where training stopped (default best)")
+    evaluate.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                          help="a run trained with --ema-decay: its moving average of the parameters (default); "
+                          "--no-ema: the parameters themselves (with --checkpoint latest)")
     evaluate.add_argument("--report", type=Path, metavar="OUT", help="also write OUT/index.html: metrics, curves, "
                           "best and worst tiles (opens from disk)")
 
@@ -248,7 +263,7 @@ def _train(args: argparse.Namespace) -> int:
         decode_workers=args.decode_workers,
         borders=args.borders, border_weight=args.border_weight, border_dice_weight=args.border_dice_weight,
         separation_weight=args.separation_weight, lovasz_weight=args.lovasz_weight,
-        residual=args.residual,
+        residual=args.residual, ema_decay=args.ema_decay,
     )
     if config.seed < 0:
         raise ConfigError(f"--seed: must be >= 0, got {config.seed}")
@@ -271,7 +286,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         options = {"report": args.report}
     result = run(args.workdir, url, split=args.split, zooms=args.zooms, batch_size=args.batch_size,
                  decode_workers=args.decode_workers, progress=not args.json, tta=args.tta, min_area=args.min_area,
-                 **options)
+                 checkpoint=args.checkpoint, ema=args.ema, **options)
     print(json.dumps(result, sort_keys=True) if args.json else format_table(result, args.split))
     return EXIT_OK
 

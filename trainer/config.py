@@ -30,6 +30,7 @@ TILE_SIZE = 256  # pixels; every sample of the `dataset` view is a 256x256 slipp
 #: slivers that no prediction matches at IoU 0.5.
 OBJECT_MIN_AREA = 20
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+CHECKPOINTS = ("best", "latest")  # what `evaluate --checkpoint` reads: the best validation IoU, or where training stopped
 MAX_ZOOM = 22
 CPU_BATCH_SIZE = 16  # `--batch-size auto` on CPU (and the default of TrainConfig)
 MAX_AUTO_BATCH_PER_DEVICE = 128
@@ -59,6 +60,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     # Gradients are rescaled so that their global L2 norm is at most this (optax.clip_by_global_norm).
     grad_clip_norm: float = 1.0
+    # Keep an exponential moving average of the parameters (decay per step, warmed up as min(decay, (1+t)/(10+t))):
+    # validation, the "best" checkpoint, evaluate and predict then use the average. 0 = off.
+    ema_decay: float = 0.0
     # Weight of the soft Dice term in the loss (loss = BCE + dice_weight * Dice).
     dice_weight: float = 1.0
     # A second output channel, "border/gap between two buildings" (trainer.instances), learnt with BCE (+ Dice times
@@ -120,6 +124,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be a number >= 0, got {value!r}")
         if not math.isfinite(self.zoom_augment) or not 1.0 <= self.zoom_augment <= 2.0:
             raise ConfigError(f"--zoom-augment: must be a number from 1 (off) to 2, got {self.zoom_augment!r}")
+        if not (math.isfinite(self.ema_decay) and 0 <= self.ema_decay < 1):
+            raise ConfigError(f"--ema-decay: must be in [0, 1) (0 = off), got {self.ema_decay!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(f"--warmup-fraction: must be in [0, 1), got {self.warmup_fraction!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -193,7 +199,7 @@ def write_config(config: TrainConfig, workdir: Path, **resolved: Any) -> Path:
 
 # What a config.json written before a field existed meant: the model and loss of that time.
 LEGACY_FIELDS = {"borders": False, "residual": False, "border_weight": 1.0, "border_dice_weight": 0.0,
-                 "separation_weight": 0.0, "lovasz_weight": 0.0}
+                 "separation_weight": 0.0, "lovasz_weight": 0.0, "ema_decay": 0.0}
 
 
 def read_model_config(workdir: Path) -> dict[str, Any]:

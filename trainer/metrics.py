@@ -24,7 +24,7 @@ JSON output never holds NaN.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -146,11 +146,17 @@ class _Group:
 
 
 class SegmentationMetrics:
-    """Accumulates confusion counts and object matches overall and per zoom, over the valid samples of batches."""
+    """Accumulates confusion counts and object matches overall and per zoom, over the valid samples of batches.
 
-    def __init__(self, *, objects: bool = True, min_area: int = OBJECT_MIN_AREA):
+    ``mapper``: how the samples of a batch are matched, ``mapper(function, indices)`` (default the built-in ``map``);
+    a thread pool's ``map`` matches them in parallel (SciPy's labelling and NumPy release the GIL), as
+    :func:`trainer.steps.evaluate_stream` does: on a GPU host the matching, not the model, bounds evaluation."""
+
+    def __init__(self, *, objects: bool = True, min_area: int = OBJECT_MIN_AREA,
+                 mapper: Callable[[Callable, Iterable], Iterable] = map):
         self.objects = objects  # object matching needs the predicted masks on the host; skip it when not wanted
         self.min_area = min_area  # buildings smaller than this (pixels), true or predicted, are not counted
+        self._map = mapper
         self._overall = _Group()
         self._by_zoom: dict[int, _Group] = {}
 
@@ -167,13 +173,17 @@ class SegmentationMetrics:
         counts, valid, zooms = np.asarray(counts), np.asarray(valid, dtype=bool), np.asarray(zooms)
         if self.objects and (predicted is None or masks is None):
             raise ValueError("object metrics need the predicted and true masks")
-        for i in np.flatnonzero(valid):
+        rows = np.flatnonzero(valid)
+
+        def match_one(i: int) -> ObjectMatch:
+            return match_objects(predicted[i], masks[i],
+                                 predicted_border=None if predicted_borders is None else predicted_borders[i],
+                                 actual_border=None if true_borders is None else true_borders[i],
+                                 min_area=self.min_area)
+
+        matches = list(self._map(match_one, rows)) if self.objects else [None] * len(rows)
+        for i, match in zip(rows, matches):
             zoom_group = self._by_zoom.setdefault(int(zooms[i]), _Group())
-            match = match_objects(
-                predicted[i], masks[i],
-                predicted_border=None if predicted_borders is None else predicted_borders[i],
-                actual_border=None if true_borders is None else true_borders[i], min_area=self.min_area,
-            ) if self.objects else None
             for group in (self._overall, zoom_group):
                 group.pixels.add(*counts[i])
                 group.samples += 1

@@ -16,6 +16,8 @@ resumed run draws the same augmentations as an uninterrupted one.
 from __future__ import annotations
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
 import jax
@@ -36,6 +38,7 @@ from .model import UNet, default_compute_dtype, prng_key, split_logits
 
 DATA_AXIS = "data"
 FINAL_LR_FRACTION = 0.01  # the cosine decay ends at 1% of the peak learning rate
+MATCH_THREADS = min(8, os.cpu_count() or 1)  # threads matching the buildings of evaluated samples (host side)
 
 
 class TrainState(NamedTuple):
@@ -78,15 +81,57 @@ def learning_rate_schedule(config: TrainConfig | StepSpec, total_steps: int) -> 
     )
 
 
+class ParamsEmaState(NamedTuple):
+    count: jax.Array  # int32 scalar: updates averaged so far
+    ema: optax.Params  # the moving average of the parameters after each update (float32)
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+    """An exponential moving average of the parameters, kept in the optimizer state; the updates pass unchanged.
+
+    After the t-th update (t = 0, 1, ...) ``ema = d * ema + (1 - d) * params`` with ``d = min(decay, (1 + t) / (10 +
+    t))``: TensorFlow's ``ExponentialMovingAverage`` with ``num_updates``, so that a short run averages over its last
+    tenth rather than over its random start. Place it last in a chain: ``params + updates`` are then the parameters
+    the step ends with.
+    """
+    def init(params: optax.Params) -> ParamsEmaState:
+        return ParamsEmaState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params))
+
+    def update(updates, state: ParamsEmaState, params=None):
+        if params is None:
+            raise ValueError("params_ema needs the parameters: call update(updates, state, params)")
+        t = state.count.astype(jnp.float32)
+        d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+        ema = optax.incremental_update(optax.apply_updates(params, updates), state.ema, 1.0 - d)
+        return updates, ParamsEmaState(state.count + 1, ema)
+
+    return optax.GradientTransformation(init, update)
+
+
 def create_optimizer(config: TrainConfig | StepSpec, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm gradient clipping, then AdamW; weight decay on convolution kernels only (not biases, norms)."""
+    """Global-norm gradient clipping, then AdamW; weight decay on convolution kernels only (not biases, norms); with
+    ``ema_decay`` > 0, last, the moving average of the parameters (:func:`params_ema`)."""
     def decay_mask(params):
         return jax.tree.map(lambda x: x.ndim > 1, params)
 
-    return optax.chain(
+    parts = [
         optax.clip_by_global_norm(config.grad_clip_norm),
         optax.adamw(learning_rate_schedule(config, total_steps), weight_decay=config.weight_decay, mask=decay_mask),
-    )
+    ]
+    if config.ema_decay > 0:
+        parts.append(params_ema(config.ema_decay))
+    return optax.chain(*parts)
+
+
+def evaluation_params(state: TrainState, ema: bool) -> nnx.State:
+    """The parameters a train state is evaluated with: the moving average when the run keeps one (``ema``), else
+    the parameters themselves."""
+    if not ema:
+        return state.params
+    ema_state = state.opt_state[-1]
+    if not isinstance(ema_state, ParamsEmaState):
+        raise TypeError("this train state keeps no moving average of its parameters (ema_decay 0)")
+    return ema_state.ema
 
 
 def model_factory(base_filters: int, depth: int, compute_dtype: str, seed: int, *, borders: bool = False,
@@ -116,6 +161,7 @@ class StepSpec(NamedTuple):
     warmup_fraction: float
     weight_decay: float
     grad_clip_norm: float
+    ema_decay: float
     total_steps: int
 
     @classmethod
@@ -229,13 +275,22 @@ def compile_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, tta_enabled: bool = Fa
 
 def evaluate_stream(eval_fn: Callable, params: nnx.State, stream: SampleStream, mesh: Mesh, *,
                     objects: bool = True, progress: bool = False, observe: Callable | None = None,
-                    min_area: int = OBJECT_MIN_AREA) -> dict:
+                    min_area: int = OBJECT_MIN_AREA, match_threads: int = MATCH_THREADS) -> dict:
     """Metrics of ``params`` over every sample of ``stream`` (made with ``pad_last=True``: padding rows are masked).
 
-    The host-side part of batch k (object matching) runs while the device computes batch k + 1. ``observe``, when
-    given, is called with each batch and its fetched eval outputs (``counts``, ``predicted``), e.g. to keep tiles.
+    The host-side part of batch k (object matching) runs while the device computes batch k + 1, its samples matched
+    on ``match_threads`` threads. ``observe``, when given, is called with each batch and its fetched eval outputs
+    (``counts``, ``predicted``), e.g. to keep tiles.
     """
-    metrics = SegmentationMetrics(objects=objects, min_area=min_area)
+    with ThreadPoolExecutor(max(1, match_threads), thread_name_prefix="tilesmith-match") as pool:
+        metrics = SegmentationMetrics(objects=objects, min_area=min_area,
+                                      mapper=pool.map if match_threads > 1 else map)
+        _evaluate_into(metrics, eval_fn, params, stream, mesh, progress=progress, observe=observe)
+    return metrics.result()
+
+
+def _evaluate_into(metrics: SegmentationMetrics, eval_fn: Callable, params: nnx.State, stream: SampleStream,
+                   mesh: Mesh, *, progress: bool, observe: Callable | None) -> None:
     sharding = batch_sharded(mesh)
 
     def consume(batch, out):
@@ -264,4 +319,3 @@ def evaluate_stream(eval_fn: Callable, params: nnx.State, stream: SampleStream, 
     if metrics.samples != expected:
         raise DataError(f"evaluated {metrics.samples} samples of {stream.split!r}, expected {expected} "
                         f"({len(stream)} in the split, {skipped} skipped)")
-    return metrics.result()

@@ -27,7 +27,7 @@ from .data import SampleStream, prefetch_to_device
 from .errors import CheckpointError, DataError, TrainingDiverged
 from .model import default_compute_dtype
 from .steps import (StepSpec, abstract_train_state, batch_sharded, compile_eval_step, compiled_functions,
-                    evaluate_stream, learning_rate_schedule, make_mesh)
+                    evaluate_stream, evaluation_params, learning_rate_schedule, make_mesh)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,12 @@ def _check_resumable(workdir: Path, config: TrainConfig) -> None:
                 f"--workdir: {workdir} holds checkpoints of a U-Net with {key}={saved[key]}, not {getattr(config, key)}; "
                 "use another --workdir or the same value"
             )
+    if (saved["ema_decay"] > 0) != (config.ema_decay > 0):  # the moving average is part of the optimizer state
+        raise CheckpointError(
+            f"--workdir: {workdir} holds checkpoints of a run with --ema-decay {saved['ema_decay']:g}, not "
+            f"{config.ema_decay:g}: a moving average of the parameters is kept by both or by neither; use another "
+            "--workdir or the same on/off"
+        )
     for key in ("batch_size", "seed", "zooms"):
         if saved.get(key) != config.public()[key]:
             log.warning("resuming with %s=%s (was %s): the data order differs from the interrupted run",
@@ -180,9 +186,10 @@ def train_and_evaluate(config: TrainConfig, workdir: Path | str, *, stop_after: 
         def validate(step: int) -> None:
             if len(val_stream) == 0:
                 return
-            result = evaluate_stream(eval_fn, state.params, val_stream, mesh)
+            params = evaluation_params(state, ema=config.ema_decay > 0)  # the moving average, where kept
+            result = evaluate_stream(eval_fn, params, val_stream, mesh)
             metrics_log.write({"kind": "val", "step": step, **{k: v for k, v in result.items() if k != "per_zoom"}})
-            saved = checkpoints.save_best(step, state.params, result["iou"])
+            saved = checkpoints.save_best(step, params, result["iou"])
             log.info("step %d: val iou %.4f f1 %.4f object_f1 %.4f%s", step, result["iou"], result["f1"],
                      result["object_f1"], " (best so far)" if saved else "")
             summary["last_val"] = result

@@ -484,7 +484,8 @@ def test_a_workdir_from_before_issue_11_still_evaluates_as_the_model_it_was(trai
     workdir = tmp_path / "old"
     train_and_evaluate(tiny_config(trained["url"], steps=2, borders=False, residual=False), workdir)
     config = json.loads((workdir / "config.json").read_text())
-    for key in ("borders", "residual", "border_weight", "border_dice_weight", "separation_weight", "lovasz_weight"):
+    for key in ("borders", "residual", "border_weight", "border_dice_weight", "separation_weight", "lovasz_weight",
+                "ema_decay"):
         del config[key]
     (workdir / "config.json").write_text(json.dumps(config))
     assert cli("evaluate", "--workdir", str(workdir), "--database-url", trained["url"], "--json") == 0
@@ -494,6 +495,39 @@ def test_a_workdir_from_before_issue_11_still_evaluates_as_the_model_it_was(trai
 
     with pytest.raises(CheckpointError, match="borders=False"):
         train_and_evaluate(tiny_config(trained["url"], steps=4, borders=True, residual=False), workdir)
+
+
+def test_a_run_with_ema_validates_saves_and_evaluates_its_moving_average(trained, tmp_path, capsys):
+    from trainer.errors import CheckpointError
+    from trainer.evaluate import restore_params, saved_train_config
+    from trainer.steps import make_mesh
+    from trainer.train import train_and_evaluate
+
+    workdir = tmp_path / "ema"
+    # one validation, at the last step: the best checkpoint is that step's
+    train_and_evaluate(tiny_config(trained["url"], ema_decay=0.5, eval_every=4), workdir)
+    state = _restore_latest_params(workdir)
+    assert int(state.step) == 4 and int(state.opt_state[-1].count) == 4
+    config = saved_train_config(workdir, trained["url"])
+    assert config.ema_decay == 0.5
+    mesh = make_mesh()
+    _, best = restore_params(workdir, config, mesh)  # what evaluate and predict use
+    _, latest_raw = restore_params(workdir, config, mesh, checkpoint="latest", ema=False)
+    for b, e, r, p in zip(jax_leaves(best), jax_leaves(state.opt_state[-1].ema), jax_leaves(latest_raw),
+                          jax_leaves(state.params)):
+        np.testing.assert_array_equal(b, e)  # the best checkpoint holds the moving average
+        np.testing.assert_array_equal(r, p)  # --checkpoint latest --no-ema: the parameters themselves
+    assert any(not np.array_equal(e, p) for e, p in zip(jax_leaves(state.opt_state[-1].ema),
+                                                        jax_leaves(state.params)))
+    args = ("evaluate", "--workdir", str(workdir), "--database-url", trained["url"], "--json", "--batch-size", "4")
+    assert cli(*args, "--checkpoint", "latest", "--no-ema") == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == SPLITS["test"]
+    assert cli(*args, "--no-ema") == 2  # the best checkpoint has no raw parameters: one line, exit 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--no-ema" in err[0] and "--checkpoint latest" in err[0]
+    # the moving average lives in the optimizer state: resuming without it is refused, naming the flag
+    with pytest.raises(CheckpointError, match="--ema-decay 0.5"):
+        train_and_evaluate(tiny_config(trained["url"], steps=6), workdir)
 
 
 def test_evaluate_without_checkpoint_is_a_clear_error(trained, tmp_path, capsys):

@@ -1,11 +1,14 @@
 """Loss and metrics on cases small enough to compute by hand."""
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from trainer import losses
 from trainer.metrics import PixelCounts, SegmentationMetrics, confusion_counts, match_objects
@@ -257,3 +260,34 @@ def test_objects_are_split_along_the_border_maps():
     metrics.update(counts, np.array([True]), np.array([18]), mask[None], mask[None].astype(np.uint8),
                    predicted_borders=border[None], true_borders=border[None])
     assert metrics.result()["object_f1"] == 1.0
+
+
+def test_buildings_matched_on_threads_count_as_on_one():
+    # SegmentationMetrics(mapper=pool.map), as evaluate_stream matches a batch's samples: the same counts as one
+    # thread, each valid sample matched exactly once, on the pool's threads, the padding rows never
+    rng = np.random.default_rng(7)
+    truth = ndimage.uniform_filter(rng.random((12, 48, 48)), size=(1, 5, 5)) > 0.55
+    pred = ndimage.uniform_filter(rng.random((12, 48, 48)), size=(1, 5, 5)) > 0.5
+    pred[::3] = truth[::3]  # some tiles matched exactly
+    valid = np.ones(12, bool)
+    valid[-2:] = False  # padding rows of a last batch
+    zooms = np.array([17, 18] * 6)
+    counts = np.zeros((12, 4), int)
+    one = SegmentationMetrics(min_area=0)
+    one.update(counts, valid, zooms, pred, truth)
+    threads, matched = set(), []
+
+    def mapper(function, rows):
+        def traced(i):
+            threads.add(threading.current_thread().name)
+            matched.append(int(i))
+            return function(i)
+        return pool.map(traced, rows)
+
+    with ThreadPoolExecutor(4, thread_name_prefix="match") as pool:
+        many = SegmentationMetrics(min_area=0, mapper=mapper)
+        many.update(counts, valid, zooms, pred, truth)
+    assert many.result() == one.result()
+    assert 0 < one.result()["object_f1"] < 1  # a case with matches and misses
+    assert sorted(matched) == list(range(10))
+    assert threads and all(name.startswith("match") for name in threads)
