@@ -39,6 +39,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -759,5 +760,20 @@ def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
     return finish(report, started, print_quality_table, args.out)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``timeout`` sends): unwound as Ctrl-C is, so that the input pipelines' workers stop and the
+    embedded PostgreSQL is stopped and its data deleted at exit; the default action left the server running."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        raise SystemExit(main())
+    except Terminated:
+        print("gpu_report: terminated (SIGTERM); the rows finished before it are the log's 'quality:' lines",
+              file=sys.stderr)
+        raise SystemExit(143) from None

@@ -18,6 +18,7 @@
 # 2. gpu_report --quality on Kampala (OSM labels with instances): residual, residual + borders, residual + EMA, 500
 #    steps, seeds 1 and 2 (seed 0 ran on 2026-11-28: the border output gave object F1 0.540 against 0.434 with TTA;
 #    is it real?).
+# timeout sends SIGTERM (gpu_report then stops its workers and its PostgreSQL), and SIGKILL 20 s later if that hangs.
 # Each recipe's row is printed as it finishes ("quality: {...}" in the log), so a timeout loses only the recipe it
 # stopped. One recipe took ~120-150 s on an H200 (60 s of training, the rest compiling and evaluating; the
 # evaluations now match buildings on threads and the training crops' pixels only: expect less).
@@ -42,16 +43,16 @@ kampala_recipes="residual,residual + borders,residual + EMA 0.999"
 
 case "$part" in
 1)
-    timeout 170 "$python" bench/step_profile.py "${profile[@]}" --variants default,convtranspose,matmul1x1 --top 25 \
+    timeout -k 20 170 "$python" bench/step_profile.py "${profile[@]}" --variants default,convtranspose,matmul1x1 --top 25 \
         --out "$out/profile.json" > "$out/profile.log" 2>&1
     echo "step_profile: exit $?"
-    timeout 320 "$python" bench/gpu_report.py --quality --datasets dubai "${quality[@]}" --recipes "$dubai_recipes" \
+    timeout -k 20 320 "$python" bench/gpu_report.py --quality --datasets dubai "${quality[@]}" --recipes "$dubai_recipes" \
         --out "$out/quality-dubai.json" > "$out/quality-dubai.log" 2>&1
     echo "gpu_report --quality --datasets dubai: exit $?"
     logs=("$out/profile.log" "$out/quality-dubai.log")
     ;;
 2)
-    timeout 250 "$python" bench/gpu_report.py --quality --datasets kampala "${quality[@]}" \
+    timeout -k 20 250 "$python" bench/gpu_report.py --quality --datasets kampala "${quality[@]}" \
         --recipes "$kampala_recipes" --seeds 1,2 \
         --out "$out/quality-kampala.json" > "$out/quality-kampala.log" 2>&1
     echo "gpu_report --quality --datasets kampala: exit $?"

@@ -8,6 +8,13 @@ import asyncio
 import io
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +22,11 @@ from PIL import Image
 
 from bench import gpu_report
 from tests.databases import ADMIN_URL, admin
+from tests.processes import alive, children, wait_gone
 from trainer.data import SampleStream
 
 DUBAI_BUILDING_RGB = (60, 16, 152)  # shared/data/README.md
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def building(path) -> np.ndarray:
@@ -138,3 +147,40 @@ def test_the_quality_run_trains_and_measures_a_recipe(kampala_database):
     assert 0 <= row["train_iou"] <= 1 and "train_object_f1" not in row  # the training crops' pixels only
     for area in gpu_report.MIN_AREAS:
         assert 0 <= row[f"test_object_f1_min_area_{area}"] <= 1
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_run_its_workers_and_its_postgres(shared_data):
+    """What ``timeout`` in bench/gpu_session.sh sends: the run ends with 143 and one line, its embedded PostgreSQL is
+    stopped and its data deleted, its decode workers leave (the default action left the server running)."""
+    data = shared_data / "dubai-aerial"
+    if not data.is_dir():
+        pytest.skip(f"dubai-aerial not present at {data}")
+    root = Path(tempfile.mkdtemp(prefix="gr", dir="/tmp"))  # short: the server's socket lives in its data folder
+    log = root / "log"
+    postmaster = None
+    try:
+        with log.open("w") as out:
+            run = subprocess.Popen([sys.executable, "bench/gpu_report.py", "--quality", "--quick", "--data", str(data)],
+                                   cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(root)})
+        deadline = time.monotonic() + 180
+        while "  step 2: test IoU" not in log.read_text():  # postgres up, data loaded, training under way
+            assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        pgdata = next(root.glob("tilesmith-gpu-report-*/pgdata"))
+        postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+        workers = children(run.pid)
+        assert alive(postmaster) and workers  # the server, and the test stream's decode workers
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == 143
+        output = log.read_text()
+        assert "gpu_report: terminated (SIGTERM)" in output and "Traceback" not in output
+        assert wait_gone([postmaster, *workers]) == []
+        assert not pgdata.exists()
+    finally:
+        if run.poll() is None:
+            run.kill()
+        if postmaster is not None and alive(postmaster):  # a failed run must not leave its server behind
+            os.kill(postmaster, signal.SIGTERM)
+        shutil.rmtree(root, ignore_errors=True)
