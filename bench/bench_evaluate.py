@@ -11,8 +11,8 @@ Real tiles: the dubai-aerial crops loaded into a temporary database (``bench_loa
 ``--database-url`` and ``--split`` of an existing one. Configurations, alternating over ``--rounds`` rounds (the
 median is kept), in two parts: the matching alone (the split decoded once and kept in memory), and
 ``evaluate_stream`` end to end (decoding, border targets, the stand-in, the matching); each with the buildings
-matched on one thread (the code before this bench: the baseline of its part) and on ``--threads`` threads (the
-default: ``trainer.steps.MATCH_THREADS``), and, end to end, pixel metrics only (no matching: the ceiling)::
+matched on one thread (the code before this bench: the baseline of its part) and on ``--threads`` threads (default:
+``trainer.steps.MATCH_THREADS``, at least 2), and, end to end, pixel metrics only (no matching: the ceiling)::
 
     python bench/bench_evaluate.py [--database-url URL --split test] [--batch-size 32] [--workers 2] [--rounds 3]
 """
@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="decode worker processes (default 2)")
-    parser.add_argument("--threads", type=int, default=MATCH_THREADS,
-                        help=f"matching threads of the parallel row (default {MATCH_THREADS})")
+    threads = max(2, MATCH_THREADS)
+    parser.add_argument("--threads", type=int, default=threads,
+                        help=f"matching threads of the parallel rows (default {threads}: trainer.steps.MATCH_THREADS, "
+                        "at least 2)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
