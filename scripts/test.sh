@@ -3,7 +3,8 @@
 #   - Debian's PostGIS package for the PostgreSQL server at $PGHOST:$PGPORT (127.0.0.1:5432 by default), and
 #     Debian's docker-compose (only to validate docker-compose.yml; no Docker engine is needed), and Debian's chromium
 #     (headless, to render the evaluation report);
-#   - a virtual environment .venv with the project and its [train,test] extras.
+#   - a virtual environment .venv with the project and its [train,test,gpu-report] extras (gpu-report: the embedded
+#     PostgreSQL that the SIGTERM test of bench/gpu_report.py starts).
 # Extra arguments go to both pytest runs below (e.g. scripts/test.sh tests/unit -x; -k selects, -m does not).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,7 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[train,test]'
+.venv/bin/python -m pip install -q -e '.[train,test,gpu-report]'
 # Two parts: the tests that measure time (rates, timeouts, windows: marked `timing`) run after the others, which run
 # on TEST_WORKERS processes (pytest-xdist, default 2). The timing tests mostly wait (a quarter of 2 cores): they run on
 # 2 processes too, the ones that start several harvester processes each (group harvester_processes) one at a time.

@@ -15,6 +15,7 @@ resumed run draws the same augmentations as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -284,9 +285,9 @@ def evaluate_stream(eval_fn: Callable, params: nnx.State, stream: SampleStream, 
     on ``match_threads`` threads. ``observe``, when given, is called with each batch and its fetched eval outputs
     (``counts``, ``predicted``), e.g. to keep tiles.
     """
-    with ThreadPoolExecutor(max(1, match_threads), thread_name_prefix="tilesmith-match") as pool:
-        metrics = SegmentationMetrics(objects=objects, min_area=min_area,
-                                      mapper=pool.map if match_threads > 1 else map)
+    parallel = match_threads > 1
+    with ThreadPoolExecutor(match_threads, "tilesmith-match") if parallel else contextlib.nullcontext() as pool:
+        metrics = SegmentationMetrics(objects=objects, min_area=min_area, mapper=pool.map if parallel else map)
         _evaluate_into(metrics, eval_fn, params, stream, mesh, progress=progress, observe=observe)
     return metrics.result()
 

@@ -530,6 +530,20 @@ def test_a_run_with_ema_validates_saves_and_evaluates_its_moving_average(trained
         train_and_evaluate(tiny_config(trained["url"], steps=6), workdir)
 
 
+def test_evaluation_matching_on_threads_gives_the_same_metrics(trained):
+    from trainer.data import SampleStream
+    from trainer.evaluate import restore_params, saved_train_config
+    from trainer.steps import compile_eval_step, evaluate_stream, make_mesh
+
+    config = saved_train_config(trained["workdir"], trained["url"])
+    mesh = make_mesh(4)
+    graphdef, params = restore_params(trained["workdir"], config, mesh)
+    eval_fn = compile_eval_step(graphdef, mesh)
+    with SampleStream(trained["url"], "test", None, 4, shuffle=False, pad_last=True, decode_workers=1) as stream:
+        one, three = (evaluate_stream(eval_fn, params, stream, mesh, match_threads=n, min_area=0) for n in (1, 3))
+    assert one == three and one["samples"] == SPLITS["test"]
+
+
 def test_evaluate_without_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
     (tmp_path / "config.json").write_text((trained["workdir"] / "config.json").read_text())
     code = cli("evaluate", "--workdir", str(tmp_path), "--database-url", trained["url"])
