@@ -1,6 +1,9 @@
 """The GPU session's quality recipes (bench/gpu_report.py): each one a model the trainer accepts, before device time
 is spent on it."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from bench import gpu_report
@@ -32,3 +35,15 @@ def test_the_default_recipes_exist_and_the_unknown_ones_are_refused():
     assert [name for name, _ in gpu_report.recipe_options(None)] == list(gpu_report.DEFAULT_RECIPES)
     with pytest.raises(SystemExit):
         gpu_report.recipe_options(["residual + no such thing"])
+
+
+def test_the_gpu_session_names_recipes_that_exist_on_the_data_they_need():
+    """A misspelt recipe in bench/gpu_session.sh would stop a whole part of a 15-minute GPU lease."""
+    script = (Path(__file__).resolve().parents[2] / "bench" / "gpu_session.sh").read_text()
+    named = dict(re.findall(r'^(dubai|kampala)_recipes="([^"]+)"$', script, flags=re.M))
+    assert set(named) == {"dubai", "kampala"}
+    for dataset, names in named.items():
+        recipes = gpu_report.recipe_options(names.split(","))  # SystemExit on an unknown name
+        assert len(recipes) == len(names.split(",")) >= 2
+        if dataset == "kampala":  # the overlapping crops are Dubai's: gpu_report refuses them for Kampala
+            assert all(gpu_report.recipe_settings(recipe, 32, 4)[0] == "grid" for _, recipe in recipes)
