@@ -165,13 +165,14 @@ def test_sigterm_stops_the_run_its_workers_and_its_postgres(shared_data):
                                    cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(root)})
         deadline = time.monotonic() + 180
-        while "  step 2: test IoU" not in log.read_text():  # postgres up, data loaded, training under way
+        # postgres up, the data loaded, the training stream's decode workers started (the step still compiling)
+        while "postgres up" not in log.read_text() or not children(run.pid):
             assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+            time.sleep(0.1)
         pgdata = next(root.glob("tilesmith-gpu-report-*/pgdata"))
         postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
         workers = children(run.pid)
-        assert alive(postmaster) and workers  # the server, and the test stream's decode workers
+        assert alive(postmaster) and workers
         run.send_signal(signal.SIGTERM)
         assert run.wait(timeout=60) == 143
         output = log.read_text()
