@@ -760,17 +760,13 @@ def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
     return finish(report, started, print_quality_table, args.out)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what ``timeout`` sends): unwound as Ctrl-C is, so that the input pipelines' workers stop and the
-    embedded PostgreSQL is stopped and its data deleted at exit; the default action left the server running."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    # SIGTERM (what `timeout` sends) unwinds as Ctrl-C: the workers stop, the embedded PostgreSQL is stopped and its
+    # data deleted at exit (the default action left the server running). trainer.errors imports nothing else.
+    sys.path.insert(0, str(REPO_ROOT))
+    from trainer.errors import Terminated, raise_terminated
+
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         raise SystemExit(main())
     except Terminated:

@@ -24,21 +24,12 @@ from harvester.splits import SPLITS
 from .config import (CHECKPOINTS, DEFAULT_DATABASE_URL, DEFAULT_DECODE_WORKERS, DEFAULT_EPOCHS, OBJECT_MIN_AREA,
                      TRAIN_DEFAULTS, check_database_url, parse_zooms, redact_url, resolve_batch_size)
 from . import compile_cache
-from .errors import ConfigError, TrainerError
+from .errors import ConfigError, Terminated, TrainerError, raise_terminated
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 _NOISY_LOGGERS = ("jax", "orbax", "asyncio")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread: handled as Ctrl-C is (the training's step checkpointed, the input
-    pipeline's workers stopped), so that a ``kill``, ``docker stop`` or preemption loses no finished step."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -330,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     handler = {"train": _train, "evaluate": _evaluate, "predict": _predict, "benchmark": _benchmark}[args.command]
     in_main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if in_main_thread else None
     try:
         return handler(args)
     except ConfigError as exc:

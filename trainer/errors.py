@@ -19,3 +19,14 @@ class DataError(TrainerError):
 
 class TrainingDiverged(TrainerError):
     """The loss (or the parameters) became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``docker stop``, a preemption notice, ``timeout``), raised in the main thread by
+    :func:`raise_terminated`: unwound as Ctrl-C is, so that a training checkpoints the step it reached and the input
+    pipeline's workers (and any server a script started) are stopped, where the default action leaves them behind."""
+
+
+def raise_terminated(signum, frame):
+    """A SIGTERM handler: ``signal.signal(signal.SIGTERM, raise_terminated)``."""
+    raise Terminated()

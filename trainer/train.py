@@ -221,7 +221,7 @@ def train_and_evaluate(config: TrainConfig, workdir: Path | str, *, stop_after: 
                         validate(step)
                     if do_save:
                         checkpoints.save_latest(step, state)
-        except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (trainer.cli.Terminated)
+        except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (trainer.errors.Terminated)
             check_and_log(step)
             if step > (checkpoints.latest_step() or 0):
                 try:
