@@ -26,6 +26,11 @@ F1 every ``--curve-every`` steps of each run (default: a fifth of the run; where
 
     PYTHONUNBUFFERED=1 python3 bench/gpu_report.py --quality --data .gpu-data/dubai-aerial --out $OUT/quality.json
 
+``--parallel N`` trains N of the quality runs at once, each in a process of its own (its own JAX client with 0.9 / N
+of the device's memory, 1 / N of the decode workers, the compilation cache shared): one run at batch 32 leaves an
+H200 idle while it compiles and evaluates on the host. The rows are the same as one at a time (a test checks it on
+the CPU), in the same order.
+
 ``--quick`` runs every part at toy sizes (a U-Net of width 4-8, a few steps, Tile_1/7/8 only): it proves the script
 end to end on a CPU in a couple of minutes; its figures mean nothing.
 """
@@ -46,6 +51,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SITE = Path("/tmp/tilesmith-site")
@@ -361,7 +367,7 @@ def loader_rows(url: str, batch: int, workers: list[int], samples: int) -> list[
 
 def short_training(url: str, base: int, depth: int, batch: int, steps: int, workers: int, *, lr: float = 1e-3,
                    options: dict | None = None, tta: tuple[bool, ...] = (False,), objects: bool = False,
-                   curve_every: int = 0, seed: int = 0) -> dict:
+                   curve_every: int = 0, seed: int = 0, label: str = "") -> dict:
     """Train ``steps`` steps on split train (no checkpoints), then the metrics over every sample of split test
     (``test_*``; with ``tta`` True as well, ``tta_test_*`` too). ``options``: further TrainConfig fields.
     ``curve_every`` > 0: also the test metrics (no TTA) after every that many steps before the last, as ``curve``
@@ -406,9 +412,11 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
             elif curve_every and done % curve_every == 0 and done < steps:
                 t = time.perf_counter()
                 result = evaluate_stream(eval_fns[False], evaluation_params(state, ema), test, mesh, objects=objects)
-                curve.append({"step": done, **{k: v for k, v in result.items() if k != "per_zoom"}})
-                print(f"  step {done}: test IoU {result['iou']:.4f}", flush=True)
-                paused += time.perf_counter() - t
+                seconds = time.perf_counter() - t  # the first one compiles the evaluation step too
+                curve.append({"step": done, **{k: v for k, v in result.items() if k != "per_zoom"},
+                              "seconds": seconds})
+                print(f"  {label}step {done}: test IoU {result['iou']:.4f}", flush=True)
+                paused += seconds
         jax.block_until_ready(state)
         epoch = (steps - 1) // stream.num_batches() + 1
         train_samples = len(stream)
@@ -420,11 +428,16 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
         batches.close()  # the training crops once more, in order: how far the model fits them (against test); their
         # pixels only: matching the buildings of 3,114 crops took longer than the GPU's whole pass over them
         params = evaluation_params(state, ema)
+        passes = out["eval_passes_s"] = {}  # where the evaluations' time goes, pass by pass
+        t = time.perf_counter()
         with SampleStream(url, "train", None, batch, shuffle=False, pad_last=True, decode_workers=workers) as fit:
             result = evaluate_stream(eval_fns[False], params, fit, mesh, objects=False)
+        passes["train"] = time.perf_counter() - t  # with the stream's start
         out.update({"train_" + k: v for k, v in result.items() if k not in ("per_zoom", "samples")})
         if ema:  # the same run's own parameters beside their average: a comparison free of the seed's noise
+            t = time.perf_counter()
             result = evaluate_stream(eval_fns[False], state.params, test, mesh, objects=objects)
+            passes["raw_test"] = time.perf_counter() - t
             out.update({"raw_test_" + k: v for k, v in result.items() if k != "per_zoom"})
         pool = stack.enter_context(ThreadPoolExecutor(MATCH_THREADS, thread_name_prefix="gpu-report-match"))
         for with_tta in tta:
@@ -437,8 +450,10 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
                     metrics.update(fetched["counts"], b.valid, b.zooms, fetched["predicted"], b.masks,
                                    predicted_borders=fetched.get("border"), true_borders=b.borders)
 
+            t = time.perf_counter()
             result = evaluate_stream(eval_fns[with_tta], params, test, mesh, objects=objects, observe=observe)
             prefix = "tta_test_" if with_tta else "test_"
+            passes[prefix[:-1]] = time.perf_counter() - t  # the TTA pass compiles its step too
             out.update({prefix + k: v for k, v in result.items() if k != "per_zoom"})
             out.update({f"{prefix}object_f1_min_area_{area}": m.result()["object_f1"] for area, m in by_area.items()})
     out["seconds"] = time.perf_counter() - started
@@ -518,22 +533,94 @@ def recipe_settings(options: dict, base: int, depth: int) -> tuple[str, int, int
 
 
 def quality_run(urls: dict[str, str], recipes: list[tuple[str, dict]], *, base: int, depth: int, batch: int,
-                steps: int, workers: int, lr: float, curve_every: int = 0, seeds: tuple[int, ...] = (0,)) -> list[dict]:
-    """Each recipe trained (once per seed of ``seeds``, one after the other) and tested on ``urls[its "data"]``
-    (:func:`recipe_settings`)."""
-    rows = []
+                steps: int, workers: int, lr: float, curve_every: int = 0, seeds: tuple[int, ...] = (0,),
+                parallel: int = 1) -> list[dict]:
+    """Each recipe trained (once per seed of ``seeds``) and tested on ``urls[its "data"]`` (:func:`recipe_settings`);
+    the rows in that order. ``parallel`` > 1: that many runs at once, each in a process of its own (:func:`_runs_at_once`),
+    each with ``workers // parallel`` decode workers; else one after the other in this process."""
+    runs = []
     for name, recipe in recipes:
         data, width, recipe_depth, options = recipe_settings(recipe, base, depth)
         for seed in seeds:
-            row = short_training(urls[data], width, recipe_depth, batch, steps, workers, lr=lr, options=options,
-                                 tta=(False, True) if options["residual"] else (False,), objects=True,
-                                 curve_every=curve_every, seed=seed)
-            row["recipe"] = name
-            rows.append(row)
-            print(f"  {name}{seed_tag(row)}: {row['seconds']:.0f} s: compile + first step {row['first_step_s']:.0f} s,"
-                  f" training {row['train_s']:.0f} s, evaluations {row['eval_s']:.0f} s", flush=True)
-            print(f"quality: {json.dumps(row)}", flush=True)
+            runs.append((name, (urls[data], width, recipe_depth, batch, steps, max(1, workers // parallel)),
+                         dict(lr=lr, options=options, tta=(False, True) if options["residual"] else (False,),
+                              objects=True, curve_every=curve_every, seed=seed,
+                              label=f"{name}, seed {seed}: " if parallel > 1 else "")))
+    if parallel > 1:
+        finished = _runs_at_once(runs, parallel)
+    else:
+        finished = ((i, short_training(*args, **kwargs)) for i, (_, args, kwargs) in enumerate(runs))
+    rows = [None] * len(runs)
+    for i, row in finished:  # each row printed as it finishes: a timeout loses only the runs it stops
+        row["recipe"] = runs[i][0]
+        rows[i] = row
+        passes = [f"curve {sum(p['seconds'] for p in row['curve']):.0f} s ({len(row['curve'])})"] + [
+            f"{name} {seconds:.0f} s" for name, seconds in row["eval_passes_s"].items()]
+        print(f"  {row['recipe']}{seed_tag(row)}: {row['seconds']:.0f} s: compile + first step {row['first_step_s']:.0f}"
+              f" s, training {row['train_s']:.0f} s, evaluations {row['eval_s']:.0f} s ({', '.join(passes)})",
+              flush=True)
+        print(f"quality: {json.dumps(row)}", flush=True)
     return rows
+
+
+def _runs_at_once(runs: list[tuple[str, tuple, dict]], parallel: int) -> Iterator[tuple[int, dict]]:
+    """``(index, row)`` of each run of ``runs`` as it finishes, ``parallel`` of them at once, each in a process of
+    its own (spawned: a JAX client of its own, with ``1 / parallel`` of the device's memory; the compilation cache
+    shared). At batch 32 one run leaves the H200 idle while it compiles, evaluates and matches on the host: that is
+    where running several at once should pay. SIGTERM or an error here stops the runs in flight: each unwinds as this
+    process does (its decode workers stopped)."""
+    import multiprocessing
+
+    pool = multiprocessing.get_context("spawn").Pool(parallel, initializer=_run_process_init, initargs=(parallel,),
+                                                       maxtasksperchild=1)
+    try:
+        yield from pool.imap_unordered(_indexed_run, list(enumerate(runs)))
+        pool.close()
+    except BaseException:
+        pool.terminate()  # SIGTERM to each run's process, which unwinds (raise_terminated), then joined
+        raise
+    finally:
+        pool.join()
+
+
+_RUN = {"running": False, "terminating": False}  # the state of a run's process (:func:`_runs_at_once`)
+
+
+def _run_process_init(parallel: int) -> None:
+    """The set-up of a run's process, before it imports JAX: its share of the device's memory, SIGTERM handling, the
+    compilation cache."""
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / parallel:.3f}"
+    from trainer import compile_cache
+
+    signal.signal(signal.SIGTERM, _run_terminated)
+    compile_cache.enable()
+
+
+def _run_terminated(signum, frame) -> None:
+    """SIGTERM in a run's process (``timeout`` signals the whole process group, then the pool's terminate() again):
+    the first one unwinds a run in progress (its decode workers stopped), any later one is ignored, and an idle
+    process leaves at once."""
+    if _RUN["terminating"]:
+        return
+    _RUN["terminating"] = True
+    if not _RUN["running"]:
+        os._exit(143)
+    from trainer.errors import Terminated
+
+    raise Terminated()
+
+
+def _indexed_run(item: tuple[int, tuple[str, tuple, dict]]) -> tuple[int, dict]:
+    from trainer.errors import Terminated
+
+    i, (_, args, kwargs) = item
+    _RUN["running"] = True
+    try:
+        return i, short_training(*args, **kwargs)
+    except Terminated:
+        os._exit(143)  # unwound: its streams are closed; no traceback from the pool's worker
+    finally:
+        _RUN["running"] = False
 
 
 def seed_tag(row: dict) -> str:
@@ -628,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"QUALITY_RECIPES, or all (default: {', '.join(DEFAULT_RECIPES)})")
     parser.add_argument("--seeds", type=seed_list, default=(0,),
                         help="--quality: comma-separated seeds, each recipe trained once per seed (default 0)")
+    parser.add_argument("--parallel", type=int, default=1, help="--quality: train this many runs at once, each in a "
+                        "process of its own with its share of the device's memory and decode workers (default 1)")
     parser.add_argument("--baseline-code", type=Path, help="a folder holding an earlier trainer package: its train "
                         "step is benchmarked too, in the same run (e.g. git archive HEAD trainer | tar -x -C DIR)")
     parser.add_argument("--no-training", action="store_true", help="leave the short training out (a --quality run "
@@ -706,6 +795,9 @@ def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
         base, depth, batch, workers = 4, 2, 4, 2
     else:
         base, depth, batch, workers = 32, 4, 32, min(16, os.cpu_count())
+    if args.parallel < 1:
+        print(f"error: --parallel: {args.parallel}: at least 1 run at a time", file=sys.stderr)
+        return 2
     names = args.recipes.split(",") if args.recipes else None
     chosen = args.datasets.split(",")
     if unknown := [d for d in chosen if d not in DATASETS]:
@@ -755,7 +847,7 @@ def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
                                        "test_samples": splits["test"][0], "all_building_iou": splits["test"][1]}
         curve_every = max(1, steps // (2 if args.quick else 5)) if args.curve_every is None else args.curve_every
         rows = quality_run(urls, recipes, base=base, depth=depth, batch=batch, steps=steps, workers=workers,
-                           lr=args.lr, curve_every=curve_every, seeds=args.seeds)
+                           lr=args.lr, curve_every=curve_every, seeds=args.seeds, parallel=args.parallel)
         report["quality"] += [{"dataset": dataset, **row} for row in rows]
     return finish(report, started, print_quality_table, args.out)
 

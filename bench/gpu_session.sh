@@ -5,7 +5,7 @@
 #
 #   here, first:  python bench/gpu_report.py --prepare     (.whl/ + .gpu-data/: git-ignored, ~52 MiB; carry both)
 #   there:        bash bench/gpu_session.sh 1               (~8 minutes: step_profile, then the Dubai quality run)
-#                 bash bench/gpu_session.sh 2               (~4 minutes: the Kampala quality run)
+#                 bash bench/gpu_session.sh 2               (~3 minutes: the Kampala quality run)
 #   each writes $OUT/*.json and *.log and prints the tables.
 #
 # 1. step_profile: the default step (up-convolutions as matrix products, trainer.model.UpConv2x2) against the
@@ -18,10 +18,13 @@
 # 2. gpu_report --quality on Kampala (OSM labels with instances): residual, residual + borders, residual + EMA, 500
 #    steps, seeds 1 and 2 (seed 0 ran on 2026-11-28: the border output gave object F1 0.540 against 0.434 with TTA;
 #    is it real?).
-# timeout sends SIGTERM (gpu_report then stops its workers and its PostgreSQL), and SIGKILL 20 s later if that hangs.
-# Each recipe's row is printed as it finishes ("quality: {...}" in the log), so a timeout loses only the recipe it
-# stopped. One recipe took ~120-150 s on an H200 (60 s of training, the rest compiling and evaluating; the
-# evaluations now match buildings on threads and the training crops' pixels only: expect less).
+# The quality runs train 3 at a time (gpu_report --parallel 3: each run in a process of its own, with a third of the
+# GPU's memory and of the decode workers): one run at batch 32 left the H200 idle while it compiled, evaluated and
+# matched buildings on the host (120-150 s a recipe, of which 60 s trained), so three at once should take well under
+# three times one. The rows' seconds and the parts' wall times say whether it did.
+# timeout sends SIGTERM (gpu_report then stops its runs, their workers and its PostgreSQL), and SIGKILL 20 s later if
+# that hangs. Each run's row is printed as it finishes ("quality: {...}" in the log); with runs 3 at a time a timeout
+# stops all three in flight, so the limits leave room: Dubai's three recipes in about 1.5 times one (~200-250 s).
 #
 # QUICK=1 bash bench/gpu_session.sh 1 (and 2) runs the same at toy sizes (a CPU, a few minutes): proves it here.
 set -u
@@ -41,21 +44,38 @@ fi
 dubai_recipes="residual + overlapping crops + EMA 0.999,residual + overlapping crops + Lovasz 0.2,residual + overlapping crops + weight decay 0.05"
 kampala_recipes="residual,residual + borders,residual + EMA 0.999"
 
+# gpu_report --quality with its runs 3 at a time (--parallel 3); where that fails before any row, within 90 s (a
+# failure of the parallel set-up itself, never tried on a GPU before), the same again one run at a time with the time
+# left. Arguments: the log, the time limit in seconds, gpu_report's arguments.
+quality() {
+    local log=$1 limit=$2 started=$SECONDS rc
+    shift 2
+    timeout -k 20 "$limit" "$python" bench/gpu_report.py --quality "$@" --parallel 3 > "$log" 2>&1
+    rc=$?
+    if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ] && [ $rc -ne 143 ] && ! grep -q "^quality: " "$log" \
+            && [ $((SECONDS - started)) -lt 90 ]; then
+        echo "gpu_report --parallel 3: exit $rc before any row; again, one run at a time (its log: $log.parallel)"
+        mv "$log" "$log.parallel"
+        timeout -k 20 $((limit - (SECONDS - started))) "$python" bench/gpu_report.py --quality "$@" > "$log" 2>&1
+        rc=$?
+    fi
+    return $rc
+}
+
 case "$part" in
 1)
     timeout -k 20 170 "$python" bench/step_profile.py "${profile[@]}" --variants default,convtranspose,matmul1x1 --top 25 \
         --out "$out/profile.json" > "$out/profile.log" 2>&1
-    echo "step_profile: exit $?"
-    timeout -k 20 320 "$python" bench/gpu_report.py --quality --datasets dubai "${quality[@]}" --recipes "$dubai_recipes" \
-        --out "$out/quality-dubai.json" > "$out/quality-dubai.log" 2>&1
-    echo "gpu_report --quality --datasets dubai: exit $?"
+    echo "step_profile: exit $? at $SECONDS s"
+    quality "$out/quality-dubai.log" 340 --datasets dubai "${quality[@]}" --recipes "$dubai_recipes" \
+        --out "$out/quality-dubai.json"
+    echo "gpu_report --quality --datasets dubai: exit $? at $SECONDS s"
     logs=("$out/profile.log" "$out/quality-dubai.log")
     ;;
 2)
-    timeout -k 20 250 "$python" bench/gpu_report.py --quality --datasets kampala "${quality[@]}" \
-        --recipes "$kampala_recipes" --seeds 1,2 \
-        --out "$out/quality-kampala.json" > "$out/quality-kampala.log" 2>&1
-    echo "gpu_report --quality --datasets kampala: exit $?"
+    quality "$out/quality-kampala.log" 200 --datasets kampala "${quality[@]}" --recipes "$kampala_recipes" \
+        --seeds 1,2 --out "$out/quality-kampala.json"
+    echo "gpu_report --quality --datasets kampala: exit $? at $SECONDS s"
     logs=("$out/quality-kampala.log")
     ;;
 *)

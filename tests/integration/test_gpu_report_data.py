@@ -147,12 +147,30 @@ def test_the_quality_run_trains_and_measures_a_recipe(kampala_database):
     assert 0 <= row["train_iou"] <= 1 and "train_object_f1" not in row  # the training crops' pixels only
     for area in gpu_report.MIN_AREAS:
         assert 0 <= row[f"test_object_f1_min_area_{area}"] <= 1
+    assert set(row["eval_passes_s"]) == {"train", "test"} and row["curve"][0]["seconds"] > 0
+
+    # --parallel 2: the same two runs at once, each in a process of its own: the same models, the rows in order
+    rows = gpu_report.quality_run({"grid": kampala_database}, recipes, base=4, depth=2, batch=4, steps=4,
+                                  workers=2, lr=1e-3, curve_every=2, seeds=(0, 1), parallel=2)
+    assert [r["seed"] for r in rows] == [0, 1] and {r["recipe"] for r in rows} == {"today"}
+    for alone, together in zip((row, other), rows):
+        for key in ("test_iou", "test_precision", "test_object_f1", "train_iou", "train_pixel_accuracy"):
+            assert together[key] == alone[key], key
+        assert together["curve"][0]["iou"] == alone["curve"][0]["iou"]
+
+
+def run_processes(pid: int, skip: int | None) -> list[int]:
+    """The descendants of ``pid``, leaving out ``skip`` and its own (the server's)."""
+    found = [child for child in children(pid) if child != skip]
+    return found + [d for child in found for d in run_processes(child, skip)]
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_run_its_workers_and_its_postgres(shared_data):
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_sigterm_stops_the_run_its_workers_and_its_postgres(shared_data, parallel):
     """What ``timeout`` in bench/gpu_session.sh sends: the run ends with 143 and one line, its embedded PostgreSQL is
-    stopped and its data deleted, its decode workers leave (the default action left the server running)."""
+    stopped and its data deleted, its decode workers leave (the default action left the server running); with
+    ``--parallel 2``, the runs' processes and their decode workers leave too."""
     data = shared_data / "dubai-aerial"
     if not data.is_dir():
         pytest.skip(f"dubai-aerial not present at {data}")
@@ -161,17 +179,23 @@ def test_sigterm_stops_the_run_its_workers_and_its_postgres(shared_data):
     postmaster = None
     try:
         with log.open("w") as out:
-            run = subprocess.Popen([sys.executable, "bench/gpu_report.py", "--quality", "--quick", "--data", str(data)],
+            run = subprocess.Popen([sys.executable, "bench/gpu_report.py", "--quality", "--quick", "--data", str(data),
+                                    "--parallel", str(parallel), "--recipes", "today,residual"],
                                    cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(root)})
         deadline = time.monotonic() + 180
-        # postgres up, the data loaded, the training stream's decode workers started (the step still compiling)
-        while "postgres up" not in log.read_text() or not children(run.pid):
+        # postgres up, the data loaded, the training streams' decode workers started (the steps still compiling):
+        # the server and, per run, its decode workers (and with --parallel, the runs' processes)
+        while True:
             assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            if "postgres up" in log.read_text():
+                pgdata = next(root.glob("tilesmith-gpu-report-*/pgdata"))
+                postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+                others = [pid for pid in children(run.pid) if pid != postmaster]
+                if parallel == 1 and others or sum(bool(children(pid)) for pid in others) >= parallel > 1:
+                    break
             time.sleep(0.1)
-        pgdata = next(root.glob("tilesmith-gpu-report-*/pgdata"))
-        postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
-        workers = children(run.pid)
+        workers = run_processes(run.pid, postmaster)
         assert alive(postmaster) and workers
         run.send_signal(signal.SIGTERM)
         assert run.wait(timeout=60) == 143
