@@ -788,8 +788,9 @@ DATASETS = {"dubai": "Dubai Tile_1-7 train, Tile_8 test",
 def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
     """``--quality``: per data set of ``--datasets``, load it (Dubai: Tile_1-7 train, Tile_8 test; Kampala: the
     harvest of :func:`export_kampala`, its val block trained on too), train each recipe, print the issue's table."""
-    import asyncpg
     import jax
+
+    from trainer.data import split_stats
 
     if args.quick:  # toy U-Nets, a few steps, Dubai on 3 folders: proves the run end to end on a CPU
         base, depth, batch, workers = 4, 2, 4, 2
@@ -827,24 +828,16 @@ def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
                            split_of=lambda split: "train" if split == "val" else split)
         plans["kampala"] = ({"grid": url}, recipes, args.kampala_steps or (4 if args.quick else 500))
 
-    async def counts(url: str) -> dict:
-        conn = await asyncpg.connect(url)
-        try:
-            rows = await conn.fetch("SELECT split, count(*) AS n, sum(building_pixels)::float8 AS b FROM dataset"
-                                    " GROUP BY split")
-        finally:
-            await conn.close()
-        return {r["split"]: (r["n"], r["b"] / (r["n"] * 256 * 256)) for r in rows}
-
     device = jax.devices()[0]
     report = {"device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
               "cpus": os.cpu_count(), "quick": args.quick, "load_average": os.getloadavg()[0], "datasets": {},
               "quality": []}
     for dataset, (urls, recipes, steps) in plans.items():
-        splits = asyncio.run(counts(urls["grid"]))
+        splits = split_stats(urls["grid"])
         print(f"postgres up, {dataset} loaded ({splits}): {time.perf_counter() - started:.0f} s", flush=True)
-        report["datasets"][dataset] = {"what": DATASETS[dataset], "train_samples": splits["train"][0],
-                                       "test_samples": splits["test"][0], "all_building_iou": splits["test"][1]}
+        report["datasets"][dataset] = {"what": DATASETS[dataset], "train_samples": splits["train"]["samples"],
+                                       "test_samples": splits["test"]["samples"],
+                                       "all_building_iou": splits["test"]["building_share"]}
         curve_every = max(1, steps // (2 if args.quick else 5)) if args.curve_every is None else args.curve_every
         rows = quality_run(urls, recipes, base=base, depth=depth, batch=batch, steps=steps, workers=workers,
                            lr=args.lr, curve_every=curve_every, seeds=args.seeds, parallel=args.parallel)

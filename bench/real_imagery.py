@@ -30,9 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import asyncpg
-
 from tests.databases import TempDatabase
+from trainer.data import split_stats
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -41,7 +40,6 @@ if str(REPO_ROOT) not in sys.path:
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 DATABASES = {"dubai": "tilesmith_real_dubai", "kampala": "tilesmith_real_kampala"}
 PROVIDERS = {"dubai": "dubai", "kampala": "xyz"}
-TILE_PIXELS = 256 * 256
 
 
 def fresh_database(name: str) -> str:
@@ -64,16 +62,6 @@ def load(dataset: str, url: str, root: Path) -> dict:
     counts = harvest_kampala(url, root)
     return {"harvest": {k: v for k, v in counts.items() if k != "requests"}, "splits": asyncio.run(
         apply_block_splits(url))}
-
-
-async def _split_stats(url: str, provider: str) -> dict[str, dict[str, float]]:
-    conn = await asyncpg.connect(url)
-    try:
-        rows = await conn.fetch("SELECT split, count(*) AS n, sum(building_pixels)::float8 AS b FROM dataset"
-                                " WHERE provider = $1 GROUP BY split", provider)
-    finally:
-        await conn.close()
-    return {r["split"]: {"samples": r["n"], "building_share": (r["b"] or 0.0) / (r["n"] * TILE_PIXELS)} for r in rows}
 
 
 def baselines(building_share: float) -> dict[str, float]:
@@ -115,7 +103,7 @@ def run(dataset: str, minutes: float, *, base_filters: int, depth: int, batch_si
         started = time.perf_counter()
         result["load"] = load(dataset, url, root)
         result["load_s"] = round(time.perf_counter() - started, 1)
-        stats = asyncio.run(_split_stats(url, PROVIDERS[dataset]))
+        stats = split_stats(url, PROVIDERS[dataset])
         result["splits"] = {k: v["samples"] for k, v in sorted(stats.items())}
         result["test_building_share"] = stats["test"]["building_share"]
         result["baselines"] = baselines(stats["test"]["building_share"])

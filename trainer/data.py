@@ -40,6 +40,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from harvester.decode import TILE_SIZE
 from harvester.splits import SPLITS
 
 from .errors import DataError
@@ -270,6 +271,22 @@ class SampleStream:
     def _count_skip(self, sample_id: int, reason: str) -> None:
         self.skipped += 1
         log.warning("skipping sample %d: %s", sample_id, reason)
+
+
+def split_stats(database_url: str, provider: str | None = None) -> dict[str, dict[str, float | int]]:
+    """``{split: {"samples": n, "building_share": building pixels / all pixels}}`` of the ``dataset`` view (of one
+    ``provider``, else all): what a split holds, and the IoU of predicting "building" everywhere on it."""
+    async def fetch() -> list:
+        conn = await connect(database_url)
+        try:
+            return await conn.fetch("SELECT split, count(*) AS n, sum(building_pixels)::float8 AS b FROM dataset"
+                                    " WHERE $1::text IS NULL OR provider = $1 GROUP BY split", provider)
+        finally:
+            await close(conn)
+
+    pixels = TILE_SIZE * TILE_SIZE
+    return {r["split"]: {"samples": r["n"], "building_share": (r["b"] or 0.0) / (r["n"] * pixels)}
+            for r in asyncio.run(fetch())}
 
 
 def prefetch_to_device(batches: Iterator[Batch], size: int = 2, sharding: Any = None) -> Iterator[dict[str, Any]]:

@@ -25,7 +25,7 @@ from PIL import Image
 from harvester.store import insert_external_sample
 from tests.databases import TempDatabase
 from tests.processes import alive, state, wait_gone
-from trainer.data import Batch, SampleStream, prefetch_to_device
+from trainer.data import Batch, SampleStream, prefetch_to_device, split_stats
 from trainer.errors import DataError
 
 ZOOMS = (17, 18)
@@ -231,6 +231,16 @@ def test_split_zoom_and_provider_filters(stored, split, zooms, provider):
     with SampleStream(stored.url, split, zooms, 3, pad_last=True, provider=provider) as stream:
         assert len(stream) == len(expected)
         assert set(_ids(list(stream.epoch(0)))) == expected
+
+
+@pytest.mark.parametrize("provider", [None, "alpha"])
+def test_split_stats_counts_samples_and_building_pixels(stored, provider):
+    ids = [i for i in stored.split if provider in (None, stored.provider[i])]
+    expected = {}
+    for split in {stored.split[i] for i in ids}:
+        masks = [stored.mask[i] for i in ids if stored.split[i] == split]
+        expected[split] = {"samples": len(masks), "building_share": pytest.approx(np.mean(masks))}
+    assert split_stats(stored.url, provider) == expected
 
 
 def test_empty_selection_yields_nothing(stored):
