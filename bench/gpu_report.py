@@ -514,13 +514,22 @@ DEFAULT_RECIPES = ("residual + overlapping crops", "residual + overlapping crops
 
 def recipe_options(names: list[str] | None) -> list[tuple[str, dict]]:
     """The named recipes of :data:`QUALITY_RECIPES`, in the order named (``None``: :data:`DEFAULT_RECIPES`;
-    ``["all"]``: every one); an unknown name is an error."""
+    ``["all"]``: every one); an unknown name is an error. ``NAME@N`` is the recipe trained with seed N only (instead
+    of each of ``--seeds``): e.g. more seeds of one recipe after the others."""
     names = list(DEFAULT_RECIPES) if names is None else None if names == ["all"] else names
+    if names is None:
+        return list(QUALITY_RECIPES)
     known = dict(QUALITY_RECIPES)
-    unknown = [n for n in names or [] if n not in known]
+    chosen, unknown = [], []
+    for label in dict.fromkeys(names):
+        name, at, seed = label.partition("@")
+        if name not in known or at and not seed.isdigit():
+            unknown.append(label)
+        else:
+            chosen.append((name, {**known[name], "seed": int(seed)} if at else known[name]))
     if unknown:
-        raise SystemExit(f"error: --recipes: unknown {unknown}; known: {list(known)}")
-    return list(QUALITY_RECIPES) if names is None else [(n, known[n]) for n in dict.fromkeys(names)]
+        raise SystemExit(f"error: --recipes: unknown {unknown}; known: {list(known)}, each as NAME or NAME@SEED")
+    return chosen
 
 
 def recipe_settings(options: dict, base: int, depth: int) -> tuple[str, int, int, dict]:
@@ -535,13 +544,13 @@ def recipe_settings(options: dict, base: int, depth: int) -> tuple[str, int, int
 def quality_run(urls: dict[str, str], recipes: list[tuple[str, dict]], *, base: int, depth: int, batch: int,
                 steps: int, workers: int, lr: float, curve_every: int = 0, seeds: tuple[int, ...] = (0,),
                 parallel: int = 1) -> list[dict]:
-    """Each recipe trained (once per seed of ``seeds``) and tested on ``urls[its "data"]`` (:func:`recipe_settings`);
+    """Each recipe trained (once per seed of ``seeds``, or with its own: :func:`recipe_options`) and tested on ``urls[its "data"]`` (:func:`recipe_settings`);
     the rows in that order. ``parallel`` > 1: that many runs at once, each in a process of its own (:func:`_runs_at_once`),
     each with ``workers // parallel`` decode workers; else one after the other in this process."""
     runs = []
     for name, recipe in recipes:
         data, width, recipe_depth, options = recipe_settings(recipe, base, depth)
-        for seed in seeds:
+        for seed in (options.pop("seed"),) if "seed" in options else seeds:
             runs.append((name, (urls[data], width, recipe_depth, batch, steps, max(1, workers // parallel)),
                          dict(lr=lr, options=options, tta=(False, True) if options["residual"] else (False,),
                               objects=True, curve_every=curve_every, seed=seed,
@@ -604,7 +613,7 @@ def _run_terminated(signum, frame) -> None:
         return
     _RUN["terminating"] = True
     if not _RUN["running"]:
-        os._exit(143)
+        raise SystemExit(143)  # the process exits quietly, its exit handlers run (multiprocessing's own included)
     from trainer.errors import Terminated
 
     raise Terminated()
@@ -617,8 +626,8 @@ def _indexed_run(item: tuple[int, tuple[str, tuple, dict]]) -> tuple[int, dict]:
     _RUN["running"] = True
     try:
         return i, short_training(*args, **kwargs)
-    except Terminated:
-        os._exit(143)  # unwound: its streams are closed; no traceback from the pool's worker
+    except Terminated:  # unwound: its streams are closed; the process exits quietly (no traceback from the pool)
+        raise SystemExit(143) from None
     finally:
         _RUN["running"] = False
 

@@ -15,9 +15,9 @@
 #    parameters too), then the two default recipes the last session's time did not reach (Lovasz 0.2, weight decay
 #    0.05: level with the rerun up to step 2,400 there, so last), with the test IoU along each run and the IoU on the
 #    training crops.
-# 2. gpu_report --quality on Kampala (OSM labels with instances): residual, residual + borders, residual + EMA, 500
-#    steps, seeds 1 and 2 (seed 0 ran on 2026-11-28: the border output gave object F1 0.540 against 0.434 with TTA;
-#    is it real?).
+# 2. gpu_report --quality on Kampala (OSM labels with instances): residual, residual + borders, residual + EMA, and
+#    last the plain U-Net ("today": the best object F1 without TTA in the third session, 0.457), 500 steps, seeds 1
+#    and 2 (seed 0 ran on 2026-11-28: the border output gave object F1 0.540 against 0.434 with TTA; is it real?).
 # The quality runs train 3 at a time (gpu_report --parallel 3: each run in a process of its own, with a third of the
 # GPU's memory and of the decode workers): one run at batch 32 left the H200 idle while it compiled, evaluated and
 # matched buildings on the host (120-150 s a recipe, of which 60 s trained), so three at once should take well under
@@ -42,7 +42,7 @@ else
 fi
 
 dubai_recipes="residual + overlapping crops + EMA 0.999,residual + overlapping crops + Lovasz 0.2,residual + overlapping crops + weight decay 0.05"
-kampala_recipes="residual,residual + borders,residual + EMA 0.999"
+kampala_recipes="residual,residual + borders,residual + EMA 0.999,today"
 
 # gpu_report --quality with its runs 3 at a time (--parallel 3); where that fails before any row, within 90 s (a
 # failure of the parallel set-up itself, never tried on a GPU before), the same again one run at a time with the time

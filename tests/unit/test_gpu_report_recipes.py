@@ -33,8 +33,15 @@ def test_width_and_depth_recipes_change_the_model_of_the_run():
 
 def test_the_default_recipes_exist_and_the_unknown_ones_are_refused():
     assert [name for name, _ in gpu_report.recipe_options(None)] == list(gpu_report.DEFAULT_RECIPES)
-    with pytest.raises(SystemExit):
-        gpu_report.recipe_options(["residual + no such thing"])
+    for wrong in ("residual + no such thing", "residual@", "residual@one", "no such thing@1"):
+        with pytest.raises(SystemExit):
+            gpu_report.recipe_options([wrong])
+
+
+def test_a_recipe_named_with_a_seed_trains_with_that_seed_only():
+    (name, plain), (same, seeded) = gpu_report.recipe_options(["residual", "residual@2"])
+    assert name == same == "residual" and "seed" not in plain and seeded == {**plain, "seed": 2}
+    assert "seed" not in dict(gpu_report.QUALITY_RECIPES)["residual"]  # the table itself unchanged
 
 
 def test_the_gpu_session_names_recipes_that_exist_on_the_data_they_need():
