@@ -544,9 +544,10 @@ def recipe_settings(options: dict, base: int, depth: int) -> tuple[str, int, int
 def quality_run(urls: dict[str, str], recipes: list[tuple[str, dict]], *, base: int, depth: int, batch: int,
                 steps: int, workers: int, lr: float, curve_every: int = 0, seeds: tuple[int, ...] = (0,),
                 parallel: int = 1) -> list[dict]:
-    """Each recipe trained (once per seed of ``seeds``, or with its own: :func:`recipe_options`) and tested on ``urls[its "data"]`` (:func:`recipe_settings`);
-    the rows in that order. ``parallel`` > 1: that many runs at once, each in a process of its own (:func:`_runs_at_once`),
-    each with ``workers // parallel`` decode workers; else one after the other in this process."""
+    """Each recipe trained (once per seed of ``seeds``, or with its own: :func:`recipe_options`) and tested on
+    ``urls[its "data"]`` (:func:`recipe_settings`); the rows in that order. ``parallel`` > 1: that many runs at once,
+    each in a process of its own (:func:`_runs_at_once`) with ``workers // parallel`` decode workers; else one after
+    the other in this process."""
     runs = []
     for name, recipe in recipes:
         data, width, recipe_depth, options = recipe_settings(recipe, base, depth)
@@ -565,19 +566,21 @@ def quality_run(urls: dict[str, str], recipes: list[tuple[str, dict]], *, base: 
         rows[i] = row
         passes = [f"curve {sum(p['seconds'] for p in row['curve']):.0f} s ({len(row['curve'])})"] + [
             f"{name} {seconds:.0f} s" for name, seconds in row["eval_passes_s"].items()]
-        print(f"  {row['recipe']}{seed_tag(row)}: {row['seconds']:.0f} s: compile + first step {row['first_step_s']:.0f}"
-              f" s, training {row['train_s']:.0f} s, evaluations {row['eval_s']:.0f} s ({', '.join(passes)})",
-              flush=True)
+        print(f"  {row['recipe']}{seed_tag(row)}: {row['seconds']:.0f} s: compile + first step"
+              f" {row['first_step_s']:.0f} s, training {row['train_s']:.0f} s, evaluations {row['eval_s']:.0f} s"
+              f" ({', '.join(passes)})", flush=True)
         print(f"quality: {json.dumps(row)}", flush=True)
     return rows
 
 
 def _runs_at_once(runs: list[tuple[str, tuple, dict]], parallel: int) -> Iterator[tuple[int, dict]]:
     """``(index, row)`` of each run of ``runs`` as it finishes, ``parallel`` of them at once, each in a process of
-    its own (spawned: a JAX client of its own, with ``1 / parallel`` of the device's memory; the compilation cache
+    its own (spawned: a JAX client of its own, with ``0.9 / parallel`` of the device's memory; the compilation cache
     shared). At batch 32 one run leaves the H200 idle while it compiles, evaluates and matches on the host: that is
     where running several at once should pay. SIGTERM or an error here stops the runs in flight: each unwinds as this
-    process does (its decode workers stopped)."""
+    process does (its decode workers stopped). A run whose process dies without a word (killed, crashed) is waited
+    for, as ``multiprocessing.Pool`` does, until the caller's time limit: the other runs go on and print their rows
+    (where a ``ProcessPoolExecutor`` would stop them all at once)."""
     import multiprocessing
 
     pool = multiprocessing.get_context("spawn").Pool(parallel, initializer=_run_process_init, initargs=(parallel,),
@@ -586,7 +589,7 @@ def _runs_at_once(runs: list[tuple[str, tuple, dict]], parallel: int) -> Iterato
         yield from pool.imap_unordered(_indexed_run, list(enumerate(runs)))
         pool.close()
     except BaseException:
-        pool.terminate()  # SIGTERM to each run's process, which unwinds (raise_terminated), then joined
+        pool.terminate()  # SIGTERM to each run's process, which unwinds (_run_terminated), then joined
         raise
     finally:
         pool.join()
