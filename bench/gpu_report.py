@@ -430,7 +430,8 @@ def short_training(url: str, base: int, depth: int, batch: int, steps: int, work
         params = evaluation_params(state, ema)
         passes = out["eval_passes_s"] = {}  # where the evaluations' time goes, pass by pass
         t = time.perf_counter()
-        with SampleStream(url, "train", None, batch, shuffle=False, pad_last=True, decode_workers=workers) as fit:
+        with SampleStream(url, "train", None, batch, shuffle=False, pad_last=True, decode_workers=workers,
+                          borders=False) as fit:  # pixels only: no border targets to derive
             result = evaluate_stream(eval_fns[False], params, fit, mesh, objects=False)
         passes["train"] = time.perf_counter() - t  # with the stream's start
         out.update({"train_" + k: v for k, v in result.items() if k not in ("per_zoom", "samples")})

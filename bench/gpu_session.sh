@@ -4,7 +4,7 @@
 # so that a slow part leaves the others their time.
 #
 #   here, first:  python bench/gpu_report.py --prepare     (.whl/ + .gpu-data/: git-ignored, ~52 MiB; carry both)
-#   there:        bash bench/gpu_session.sh 1               (~8 minutes: step_profile, then the Dubai quality run)
+#   there:        bash bench/gpu_session.sh 1               (~8-9 minutes: step_profile, then the Dubai quality run)
 #                 bash bench/gpu_session.sh 2               (~3 minutes: the Kampala quality run)
 #   each writes $OUT/*.json and *.log and prints the tables.
 #
@@ -24,7 +24,9 @@
 # three times one. The rows' seconds and the parts' wall times say whether it did.
 # timeout sends SIGTERM (gpu_report then stops its runs, their workers and its PostgreSQL), and SIGKILL 20 s later if
 # that hangs. Each run's row is printed as it finishes ("quality: {...}" in the log); with runs 3 at a time a timeout
-# stops all three in flight, so the limits leave room: Dubai's three recipes in about 1.5 times one (~200-250 s).
+# stops all three in flight, so the limits leave room. Dubai, estimated: ~20 s of loading, ~55 s compiling (the three
+# at once), ~170 s training (3 x 96,000 images at the 1,600-1,900 images/s the GPU gives batch-32 steps, time-sliced
+# between the processes), ~40 s of evaluations: ~290 s of its 360.
 #
 # QUICK=1 bash bench/gpu_session.sh 1 (and 2) runs the same at toy sizes (a CPU, a few minutes): proves it here.
 set -u
@@ -67,7 +69,7 @@ case "$part" in
     timeout -k 20 170 "$python" bench/step_profile.py "${profile[@]}" --variants default,convtranspose,matmul1x1 --top 25 \
         --out "$out/profile.json" > "$out/profile.log" 2>&1
     echo "step_profile: exit $? at $SECONDS s"
-    quality "$out/quality-dubai.log" 340 --datasets dubai "${quality[@]}" --recipes "$dubai_recipes" \
+    quality "$out/quality-dubai.log" 360 --datasets dubai "${quality[@]}" --recipes "$dubai_recipes" \
         --out "$out/quality-dubai.json"
     echo "gpu_report --quality --datasets dubai: exit $? at $SECONDS s"
     logs=("$out/profile.log" "$out/quality-dubai.log")
