@@ -29,7 +29,8 @@ F1 every ``--curve-every`` steps of each run (default: a fifth of the run; where
 ``--parallel N`` trains N of the quality runs at once, each in a process of its own (its own JAX client with 0.9 / N
 of the device's memory, 1 / N of the decode workers, the compilation cache shared): one run at batch 32 leaves an
 H200 idle while it compiles and evaluates on the host. The rows are the same as one at a time (a test checks it on
-the CPU), in the same order.
+the CPU), in the same order; a run that fails (an error, or its process killed) is listed under ``failed`` while the
+others go on, and the exit status is then 1.
 
 ``--quick`` runs every part at toy sizes (a U-Net of width 4-8, a few steps, Tile_1/7/8 only): it proves the script
 end to end on a CPU in a couple of minutes; its figures mean nothing.
@@ -544,11 +545,12 @@ def recipe_settings(options: dict, base: int, depth: int) -> tuple[str, int, int
 
 def quality_run(urls: dict[str, str], recipes: list[tuple[str, dict]], *, base: int, depth: int, batch: int,
                 steps: int, workers: int, lr: float, curve_every: int = 0, seeds: tuple[int, ...] = (0,),
-                parallel: int = 1) -> list[dict]:
+                parallel: int = 1, failures: list[dict] | None = None) -> list[dict]:
     """Each recipe trained (once per seed of ``seeds``, or with its own: :func:`recipe_options`) and tested on
     ``urls[its "data"]`` (:func:`recipe_settings`); the rows in that order. ``parallel`` > 1: that many runs at once,
-    each in a process of its own (:func:`_runs_at_once`) with ``workers // parallel`` decode workers; else one after
-    the other in this process."""
+    each in a process of its own (:func:`_runs_at_once`) with ``workers // parallel`` decode workers, a failed run
+    added to ``failures`` (when a list) while the others go on; else one after the other in this process, where an
+    error stops the rest."""
     runs = []
     for name, recipe in recipes:
         data, width, recipe_depth, options = recipe_settings(recipe, base, depth)
@@ -558,7 +560,7 @@ def quality_run(urls: dict[str, str], recipes: list[tuple[str, dict]], *, base: 
                               objects=True, curve_every=curve_every, seed=seed,
                               label=f"{name}, seed {seed}: " if parallel > 1 else "")))
     if parallel > 1:
-        finished = _runs_at_once(runs, parallel)
+        finished = _runs_at_once(runs, parallel, failures)
     else:
         finished = ((i, short_training(*args, **kwargs)) for i, (_, args, kwargs) in enumerate(runs))
     rows = [None] * len(runs)
@@ -571,29 +573,58 @@ def quality_run(urls: dict[str, str], recipes: list[tuple[str, dict]], *, base: 
               f" {row['first_step_s']:.0f} s, training {row['train_s']:.0f} s, evaluations {row['eval_s']:.0f} s"
               f" ({', '.join(passes)})", flush=True)
         print(f"quality: {json.dumps(row)}", flush=True)
-    return rows
+    return [row for row in rows if row is not None]  # a failed run has none
 
 
-def _runs_at_once(runs: list[tuple[str, tuple, dict]], parallel: int) -> Iterator[tuple[int, dict]]:
+def _runs_at_once(runs: list[tuple[str, tuple, dict]], parallel: int, failures: list[dict] | None
+                  ) -> Iterator[tuple[int, dict]]:
     """``(index, row)`` of each run of ``runs`` as it finishes, ``parallel`` of them at once, each in a process of
     its own (spawned: a JAX client of its own, with ``0.9 / parallel`` of the device's memory; the compilation cache
-    shared). At batch 32 one run leaves the H200 idle while it compiles, evaluates and matches on the host: that is
-    where running several at once should pay. SIGTERM or an error here stops the runs in flight: each unwinds as this
-    process does (its decode workers stopped). A run whose process dies without a word (killed, crashed) is waited
-    for, as ``multiprocessing.Pool`` does, until the caller's time limit: the other runs go on and print their rows
-    (where a ``ProcessPoolExecutor`` would stop them all at once)."""
-    import multiprocessing
+    shared), which answers through a pipe of its own. At batch 32 one run leaves the H200 idle while it compiles,
+    evaluates and matches on the host: that is where running several at once should pay.
 
-    pool = multiprocessing.get_context("spawn").Pool(parallel, initializer=_run_process_init, initargs=(parallel,),
-                                                       maxtasksperchild=1)
+    A run that fails (an exception) or whose process dies without a word (killed, crashed: its pipe closes) is
+    printed and, with ``failures`` a list, added to it while the other runs go on; without, it raises
+    :class:`RuntimeError`. SIGTERM or an error here stops the runs in flight: each unwinds as this process does (its
+    decode workers stopped)."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    context = multiprocessing.get_context("spawn")
+    todo = list(enumerate(runs))[::-1]
+    active = {}  # the reading end of each run's pipe -> (index, process)
     try:
-        yield from pool.imap_unordered(_indexed_run, list(enumerate(runs)))
-        pool.close()
+        while todo or active:
+            while todo and len(active) < parallel:
+                i, run = todo.pop()
+                reader, writer = context.Pipe(duplex=False)
+                process = context.Process(target=_run_process, args=(run, parallel, writer), name=f"run-{i}")
+                process.start()
+                writer.close()  # the run's process holds the only writing end: its death closes the pipe
+                active[reader] = (i, process)
+            for reader in wait(list(active)):
+                i, process = active.pop(reader)
+                try:
+                    kind, payload = reader.recv()
+                except EOFError:
+                    kind, payload = "died", None
+                reader.close()
+                process.join()
+                if kind == "row":
+                    yield i, payload
+                    continue
+                name, seed = runs[i][0], runs[i][2]["seed"]
+                reason = payload if kind == "error" else f"its process died (exit code {process.exitcode})"
+                print(f"  {name}, seed {seed}: FAILED: {reason}", flush=True)
+                if failures is None:
+                    raise RuntimeError(f"run {name!r}, seed {seed}: {reason.strip().splitlines()[-1]}")
+                failures.append({"recipe": name, "seed": seed, "error": reason})
     except BaseException:
-        pool.terminate()  # SIGTERM to each run's process, which unwinds (_run_terminated), then joined
+        for _, process in active.values():
+            process.terminate()  # SIGTERM: the run unwinds (_run_terminated)
+        for _, process in active.values():
+            process.join()
         raise
-    finally:
-        pool.join()
 
 
 _RUN = {"running": False, "terminating": False}  # the state of a run's process (:func:`_runs_at_once`)
@@ -610,30 +641,38 @@ def _run_process_init(parallel: int) -> None:
 
 
 def _run_terminated(signum, frame) -> None:
-    """SIGTERM in a run's process (``timeout`` signals the whole process group, then the pool's terminate() again):
-    the first one unwinds a run in progress (its decode workers stopped), any later one is ignored, and an idle
-    process leaves at once."""
+    """SIGTERM in a run's process (``timeout`` signals the whole process group, then :func:`_runs_at_once` again): the
+    first one unwinds the run (its decode workers stopped), any later one is ignored; before the run starts or after
+    it ends, the process leaves at once."""
     if _RUN["terminating"]:
         return
     _RUN["terminating"] = True
     if not _RUN["running"]:
-        raise SystemExit(143)  # the process exits quietly, its exit handlers run (multiprocessing's own included)
+        raise SystemExit(143)  # the process exits quietly, its exit handlers run
     from trainer.errors import Terminated
 
     raise Terminated()
 
 
-def _indexed_run(item: tuple[int, tuple[str, tuple, dict]]) -> tuple[int, dict]:
+def _run_process(run: tuple[str, tuple, dict], parallel: int, answer) -> None:
+    """A run's process (:func:`_runs_at_once`): its row, or the traceback of its error, sent through ``answer``."""
+    _run_process_init(parallel)
+    import traceback
+
     from trainer.errors import Terminated
 
-    i, (_, args, kwargs) = item
+    _, args, kwargs = run
     _RUN["running"] = True
     try:
-        return i, short_training(*args, **kwargs)
-    except Terminated:  # unwound: its streams are closed; the process exits quietly (no traceback from the pool)
+        message = ("row", short_training(*args, **kwargs))
+    except Terminated:  # unwound: its streams are closed; the process exits quietly, its exit handlers run
         raise SystemExit(143) from None
+    except Exception:
+        message = ("error", traceback.format_exc())
     finally:
         _RUN["running"] = False
+    answer.send(message)
+    answer.close()
 
 
 def seed_tag(row: dict) -> str:
@@ -675,6 +714,9 @@ def print_quality_table(report: dict) -> None:
             points = r["curve"] + [{"step": r["steps"], "iou": r["test_iou"], "object_f1": r["test_object_f1"]}]
             print(f"  {r['recipe']}{seed_tag(r)}: " + ", ".join(f"step {p['step']}: {p['iou']:.3f} /"
                                                              f" {p['object_f1']:.3f}" for p in points))
+    for failure in report.get("failed", []):
+        print(f"FAILED: {failure['dataset']}, {failure['recipe']}, seed {failure['seed']}:"
+              f" {failure['error'].strip().splitlines()[-1]}")
     print(f"{report['seconds']:.0f} s in all")
 
 
@@ -852,10 +894,14 @@ def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
                                        "test_samples": splits["test"]["samples"],
                                        "all_building_iou": splits["test"]["building_share"]}
         curve_every = max(1, steps // (2 if args.quick else 5)) if args.curve_every is None else args.curve_every
+        failures = []
         rows = quality_run(urls, recipes, base=base, depth=depth, batch=batch, steps=steps, workers=workers,
-                           lr=args.lr, curve_every=curve_every, seeds=args.seeds, parallel=args.parallel)
+                           lr=args.lr, curve_every=curve_every, seeds=args.seeds, parallel=args.parallel,
+                           failures=failures)
         report["quality"] += [{"dataset": dataset, **row} for row in rows]
-    return finish(report, started, print_quality_table, args.out)
+        report["failed"] = report.get("failed", []) + [{"dataset": dataset, **failure} for failure in failures]
+    finish(report, started, print_quality_table, args.out)
+    return 1 if report.get("failed") else 0
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -152,14 +154,51 @@ def test_the_quality_run_trains_and_measures_a_recipe(kampala_database):
     assert set(row["eval_passes_s"]) == {"train", "test"} and row["curve"][0]["seconds"] > 0
 
     # --parallel 2: the same two runs at once (seeds 0 and 1 by --seeds), each in a process of its own: the same
-    # models, the rows in order
-    rows = gpu_report.quality_run({"grid": kampala_database}, recipes, base=4, depth=2, batch=4, steps=4,
-                                  workers=2, lr=1e-3, curve_every=2, seeds=(0, 1), parallel=2)
+    # models, the rows in order; a run that fails (here: an option TrainConfig does not know) is reported, the others
+    # go on
+    broken = [("broken", {**dict(recipes)["today"], "no_such_option": 1})]
+    failures = []
+    rows = gpu_report.quality_run({"grid": kampala_database}, broken + recipes, base=4, depth=2, batch=4, steps=4,
+                                  workers=2, lr=1e-3, curve_every=2, seeds=(0, 1), parallel=2, failures=failures)
+    assert [(f["recipe"], f["seed"]) for f in failures] == [("broken", 0), ("broken", 1)]
+    assert all("no_such_option" in f["error"] for f in failures)
     assert [r["seed"] for r in rows] == [0, 1] and {r["recipe"] for r in rows} == {"today"}
     for alone, together in zip((row, other), rows):
         for key in ("test_iou", "test_precision", "test_object_f1", "train_iou", "train_pixel_accuracy"):
             assert together[key] == alone[key], key
         assert together["curve"][0]["iou"] == alone["curve"][0]["iou"]
+
+
+@pytest.mark.slow
+def test_a_run_whose_process_dies_is_reported_and_the_others_finish(kampala_database):
+    """--parallel: a run killed without a word (SIGKILL, a crash) closes its pipe: it is reported as failed at once,
+    not waited for, and the other run finishes."""
+    killed = []
+
+    def kill_the_first_run():
+        deadline = time.monotonic() + 60
+        while not killed and time.monotonic() < deadline:
+            for process in multiprocessing.active_children():
+                if process.name == "run-0" and process.pid:
+                    os.kill(process.pid, signal.SIGKILL)
+                    killed.append(process.pid)
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_the_first_run)
+    killer.start()
+    failures = []
+    try:
+        rows = gpu_report.quality_run({"grid": kampala_database}, gpu_report.recipe_options(["today"]), base=4,
+                                      depth=2, batch=4, steps=2, workers=2, lr=1e-3, seeds=(0, 1), parallel=2,
+                                      failures=failures)
+    finally:
+        killer.join()
+    assert killed
+    assert failures == [{"recipe": "today", "seed": 0, "error": "its process died (exit code -9)"}]
+    assert [row["seed"] for row in rows] == [1]
+    with pytest.raises(RuntimeError, match="no_such_option"):  # without a list of failures, a failure raises
+        gpu_report.quality_run({"grid": kampala_database}, [("broken", {"residual": False, "no_such_option": 1})],
+                               base=4, depth=2, batch=4, steps=2, workers=2, lr=1e-3, parallel=2)
 
 
 def run_processes(pid: int, skip: int | None) -> list[int]:
