@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -548,9 +549,9 @@ def quality_run(urls: dict[str, str], recipes: list[tuple[str, dict]], *, base: 
                 parallel: int = 1, failures: list[dict] | None = None) -> list[dict]:
     """Each recipe trained (once per seed of ``seeds``, or with its own: :func:`recipe_options`) and tested on
     ``urls[its "data"]`` (:func:`recipe_settings`); the rows in that order. ``parallel`` > 1: that many runs at once,
-    each in a process of its own (:func:`_runs_at_once`) with ``workers // parallel`` decode workers, a failed run
-    added to ``failures`` (when a list) while the others go on; else one after the other in this process, where an
-    error stops the rest."""
+    each in a process of its own (:func:`_runs_at_once`) with ``workers // parallel`` decode workers; else one after
+    the other in this process. A run that fails is added to ``failures`` (when a list) while the others go on;
+    without a list it raises."""
     runs = []
     for name, recipe in recipes:
         data, width, recipe_depth, options = recipe_settings(recipe, base, depth)
@@ -562,7 +563,7 @@ def quality_run(urls: dict[str, str], recipes: list[tuple[str, dict]], *, base: 
     if parallel > 1:
         finished = _runs_at_once(runs, parallel, failures)
     else:
-        finished = ((i, short_training(*args, **kwargs)) for i, (_, args, kwargs) in enumerate(runs))
+        finished = _runs_in_turn(runs, failures)
     rows = [None] * len(runs)
     for i, row in finished:  # each row printed as it finishes: a timeout loses only the runs it stops
         row["recipe"] = runs[i][0]
@@ -574,6 +575,29 @@ def quality_run(urls: dict[str, str], recipes: list[tuple[str, dict]], *, base: 
               f" ({', '.join(passes)})", flush=True)
         print(f"quality: {json.dumps(row)}", flush=True)
     return [row for row in rows if row is not None]  # a failed run has none
+
+
+def _runs_in_turn(runs: list[tuple[str, tuple, dict]], failures: list[dict] | None) -> Iterator[tuple[int, dict]]:
+    """``(index, row)`` of each run of ``runs``, one after the other in this process; a run that raises is handled as
+    :func:`_runs_at_once` handles it."""
+    for i, (_, args, kwargs) in enumerate(runs):
+        try:
+            row = short_training(*args, **kwargs)
+        except Exception:
+            if failures is None:
+                raise
+            _failed(runs, i, traceback.format_exc(), failures)
+            continue
+        yield i, row
+
+
+def _failed(runs: list[tuple[str, tuple, dict]], i: int, reason: str, failures: list[dict] | None) -> None:
+    """Print that run ``i`` failed and why; add it to ``failures``, or raise without a list."""
+    name, seed = runs[i][0], runs[i][2]["seed"]
+    print(f"  {name}, seed {seed}: FAILED: {reason}", flush=True)
+    if failures is None:
+        raise RuntimeError(f"run {name!r}, seed {seed}: {reason.strip().splitlines()[-1]}")
+    failures.append({"recipe": name, "seed": seed, "error": reason})
 
 
 def _runs_at_once(runs: list[tuple[str, tuple, dict]], parallel: int, failures: list[dict] | None
@@ -612,13 +636,9 @@ def _runs_at_once(runs: list[tuple[str, tuple, dict]], parallel: int, failures: 
                 process.join()
                 if kind == "row":
                     yield i, payload
-                    continue
-                name, seed = runs[i][0], runs[i][2]["seed"]
-                reason = payload if kind == "error" else f"its process died (exit code {process.exitcode})"
-                print(f"  {name}, seed {seed}: FAILED: {reason}", flush=True)
-                if failures is None:
-                    raise RuntimeError(f"run {name!r}, seed {seed}: {reason.strip().splitlines()[-1]}")
-                failures.append({"recipe": name, "seed": seed, "error": reason})
+                else:
+                    _failed(runs, i, payload if kind == "error" else
+                            f"its process died (exit code {process.exitcode})", failures)
     except BaseException:
         for _, process in active.values():
             process.terminate()  # SIGTERM: the run unwinds (_run_terminated)
@@ -657,8 +677,6 @@ def _run_terminated(signum, frame) -> None:
 def _run_process(run: tuple[str, tuple, dict], parallel: int, answer) -> None:
     """A run's process (:func:`_runs_at_once`): its row, or the traceback of its error, sent through ``answer``."""
     _run_process_init(parallel)
-    import traceback
-
     from trainer.errors import Terminated
 
     _, args, kwargs = run

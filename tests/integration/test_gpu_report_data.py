@@ -132,10 +132,15 @@ def test_the_quality_run_trains_and_measures_a_recipe(kampala_database):
     """The GPU session's quality run, at toy sizes on the CPU: a recipe trained once per seed, its test metrics at the
     end and along the run, with the small predictions left out, and on its own training crops."""
     recipes = gpu_report.recipe_options(["today"])  # the residual recipes add TTA: tested with `evaluate --tta`
+    # a run that fails (here: an option TrainConfig does not know) is reported, the others go on
+    broken = [("broken", {**dict(recipes)["today"], "no_such_option": 1})]
+    failures = []
     # seed 1 named with the recipe (NAME@SEED) instead of by --seeds
-    row, other = gpu_report.quality_run({"grid": kampala_database}, gpu_report.recipe_options(["today", "today@1"]),
-                                        base=4, depth=2, batch=4, steps=4, workers=1, lr=1e-3, curve_every=2,
-                                        seeds=(0,))
+    row, other = gpu_report.quality_run({"grid": kampala_database},
+                                        broken + gpu_report.recipe_options(["today", "today@1"]), base=4, depth=2,
+                                        batch=4, steps=4, workers=1, lr=1e-3, curve_every=2, seeds=(0,),
+                                        failures=failures)
+    assert [(f["recipe"], f["seed"]) for f in failures] == [("broken", 0)] and "no_such_option" in failures[0]["error"]
 
     assert (row["seed"], other["seed"], other["recipe"]) == (0, 1, "today")
     # another initialisation, order and augmentation: another model
@@ -154,13 +159,11 @@ def test_the_quality_run_trains_and_measures_a_recipe(kampala_database):
     assert set(row["eval_passes_s"]) == {"train", "test"} and row["curve"][0]["seconds"] > 0
 
     # --parallel 2: the same two runs at once (seeds 0 and 1 by --seeds), each in a process of its own: the same
-    # models, the rows in order; a run that fails (here: an option TrainConfig does not know) is reported, the others
-    # go on
-    broken = [("broken", {**dict(recipes)["today"], "no_such_option": 1})]
+    # models, the rows in order; the failed runs reported as one at a time
     failures = []
     rows = gpu_report.quality_run({"grid": kampala_database}, broken + recipes, base=4, depth=2, batch=4, steps=4,
                                   workers=2, lr=1e-3, curve_every=2, seeds=(0, 1), parallel=2, failures=failures)
-    assert [(f["recipe"], f["seed"]) for f in failures] == [("broken", 0), ("broken", 1)]
+    assert sorted((f["recipe"], f["seed"]) for f in failures) == [("broken", 0), ("broken", 1)]  # as they end
     assert all("no_such_option" in f["error"] for f in failures)
     assert [r["seed"] for r in rows] == [0, 1] and {r["recipe"] for r in rows} == {"today"}
     for alone, together in zip((row, other), rows):
@@ -196,9 +199,13 @@ def test_a_run_whose_process_dies_is_reported_and_the_others_finish(kampala_data
     assert killed
     assert failures == [{"recipe": "today", "seed": 0, "error": "its process died (exit code -9)"}]
     assert [row["seed"] for row in rows] == [1]
+    broken = [("broken", {"residual": False, "no_such_option": 1})]
     with pytest.raises(RuntimeError, match="no_such_option"):  # without a list of failures, a failure raises
-        gpu_report.quality_run({"grid": kampala_database}, [("broken", {"residual": False, "no_such_option": 1})],
-                               base=4, depth=2, batch=4, steps=2, workers=2, lr=1e-3, parallel=2)
+        gpu_report.quality_run({"grid": kampala_database}, broken, base=4, depth=2, batch=4, steps=2, workers=2,
+                               lr=1e-3, parallel=2)
+    with pytest.raises(TypeError, match="no_such_option"):  # one at a time: the error itself
+        gpu_report.quality_run({"grid": kampala_database}, broken, base=4, depth=2, batch=4, steps=2, workers=2,
+                               lr=1e-3)
 
 
 def run_processes(pid: int, skip: int | None) -> list[int]:
