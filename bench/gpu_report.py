@@ -650,16 +650,6 @@ def _runs_at_once(runs: list[tuple[str, tuple, dict]], parallel: int, failures: 
 _RUN = {"running": False, "terminating": False}  # the state of a run's process (:func:`_runs_at_once`)
 
 
-def _run_process_init(parallel: int) -> None:
-    """The set-up of a run's process, before it imports JAX: its share of the device's memory, SIGTERM handling, the
-    compilation cache."""
-    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / parallel:.3f}"
-    from trainer import compile_cache
-
-    signal.signal(signal.SIGTERM, _run_terminated)
-    compile_cache.enable()
-
-
 def _run_terminated(signum, frame) -> None:
     """SIGTERM in a run's process (``timeout`` signals the whole process group, then :func:`_runs_at_once` again): the
     first one unwinds the run (its decode workers stopped), any later one is ignored; before the run starts or after
@@ -675,9 +665,14 @@ def _run_terminated(signum, frame) -> None:
 
 
 def _run_process(run: tuple[str, tuple, dict], parallel: int, answer) -> None:
-    """A run's process (:func:`_runs_at_once`): its row, or the traceback of its error, sent through ``answer``."""
-    _run_process_init(parallel)
+    """A run's process (:func:`_runs_at_once`): its row, or the traceback of its error, sent through ``answer``.
+    Before it imports JAX: its share of the device's memory, SIGTERM handling, the compilation cache."""
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / parallel:.3f}"
+    signal.signal(signal.SIGTERM, _run_terminated)
+    from trainer import compile_cache
     from trainer.errors import Terminated
+
+    compile_cache.enable()
 
     _, args, kwargs = run
     _RUN["running"] = True
@@ -732,7 +727,7 @@ def print_quality_table(report: dict) -> None:
             points = r["curve"] + [{"step": r["steps"], "iou": r["test_iou"], "object_f1": r["test_object_f1"]}]
             print(f"  {r['recipe']}{seed_tag(r)}: " + ", ".join(f"step {p['step']}: {p['iou']:.3f} /"
                                                              f" {p['object_f1']:.3f}" for p in points))
-    for failure in report.get("failed", []):
+    for failure in report["failed"]:
         print(f"FAILED: {failure['dataset']}, {failure['recipe']}, seed {failure['seed']}:"
               f" {failure['error'].strip().splitlines()[-1]}")
     print(f"{report['seconds']:.0f} s in all")
@@ -904,7 +899,7 @@ def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
     device = jax.devices()[0]
     report = {"device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
               "cpus": os.cpu_count(), "quick": args.quick, "load_average": os.getloadavg()[0], "datasets": {},
-              "quality": []}
+              "quality": [], "failed": []}
     for dataset, (urls, recipes, steps) in plans.items():
         splits = split_stats(urls["grid"])
         print(f"postgres up, {dataset} loaded ({splits}): {time.perf_counter() - started:.0f} s", flush=True)
@@ -917,9 +912,9 @@ def quality_main(args: argparse.Namespace, started: float, root: Path) -> int:
                            lr=args.lr, curve_every=curve_every, seeds=args.seeds, parallel=args.parallel,
                            failures=failures)
         report["quality"] += [{"dataset": dataset, **row} for row in rows]
-        report["failed"] = report.get("failed", []) + [{"dataset": dataset, **failure} for failure in failures]
+        report["failed"] += [{"dataset": dataset, **failure} for failure in failures]
     finish(report, started, print_quality_table, args.out)
-    return 1 if report.get("failed") else 0
+    return 1 if report["failed"] else 0
 
 
 if __name__ == "__main__":
